@@ -1,0 +1,272 @@
+"""The one checkpoint reader and the one HF safetensors writer.
+
+Reading is lazy: the index knows every tensor's name, shape, dtype and file from the
+headers alone, and `load(name)` reads one tensor when it is needed.
+
+Why safetensors handles are reopened per read: pages touched through a long-lived
+mmap stay in the process's RSS until the file is closed (measured: a 400 MB shard
+read through one open handle grew RSS by 400 MB). Opening the file for each read
+keeps peak memory at one tensor instead of one shard, at no measurable cost.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MtoolError
+from .outputs import check_free_space, check_output_path, commit_dir, staging_dir
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives and what it is, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MtoolError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise MtoolError(f"{path} is not valid JSON: {e}") from None
+
+
+def _safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header (the library validates on open too,
+    but does not say which file failed, nor check coverage before data is touched)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise MtoolError(f"{path} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise MtoolError(f"{path} is truncated or not a safetensors file (header claims {n} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except json.JSONDecodeError:
+            raise MtoolError(f"{path} has a corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise MtoolError(f"{path} is truncated: header describes {8 + n + end} bytes, file has {size}")
+    return header
+
+
+class CheckpointReader:
+    """Lazy reader for an HF model directory (sharded or single safetensors, or legacy .bin)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MtoolError(f"{self.path} is not a model directory")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise MtoolError(f"{self.path} has no config.json; is it a Hugging Face model directory?")
+        self.config: dict = _read_json(cfg)
+        self._index: dict[str, TensorInfo] = {}
+        self._bin_cache: dict[Path, Mapping[str, torch.Tensor]] = {}
+        self._build_index()
+
+    # -- index -----------------------------------------------------------------
+    def _build_index(self) -> None:
+        st_index = self.path / "model.safetensors.index.json"
+        bin_index = self.path / "pytorch_model.bin.index.json"
+        if st_index.is_file():
+            files = sorted({self.path / f for f in _read_json(st_index).get("weight_map", {}).values()})
+            self._index_safetensors(files, declared=_read_json(st_index)["weight_map"])
+        elif sorted(self.path.glob("*.safetensors")):
+            self._index_safetensors(sorted(self.path.glob("*.safetensors")))
+        elif bin_index.is_file():
+            files = sorted({self.path / f for f in _read_json(bin_index).get("weight_map", {}).values()})
+            self._index_bin(files)
+        elif sorted(self.path.glob("pytorch_model*.bin")):
+            self._index_bin(sorted(self.path.glob("pytorch_model*.bin")))
+        else:
+            raise MtoolError(f"{self.path} holds no *.safetensors or pytorch_model*.bin weights")
+        if not self._index:
+            raise MtoolError(f"{self.path}: the weight files hold no tensors")
+
+    def _index_safetensors(self, files: list[Path], declared: Mapping[str, str] | None = None) -> None:
+        for f in files:
+            if not f.is_file():
+                raise MtoolError(f"shard {f} named in the index is missing")
+            for name, meta in _safetensors_header(f).items():
+                dtype = _ST_DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    raise MtoolError(f"{f}: tensor {name} has unsupported dtype {meta['dtype']}")
+                self._index[name] = TensorInfo(name, tuple(meta["shape"]), dtype, f)
+        if declared:
+            missing = [n for n in declared if n not in self._index]
+            if missing:
+                raise MtoolError(f"tensor {missing[0]} is listed in the index but absent from {declared[missing[0]]}")
+
+    def _index_bin(self, files: list[Path]) -> None:
+        for f in files:
+            if not f.is_file():
+                raise MtoolError(f"shard {f} named in the index is missing")
+            sd = self._load_bin(f)
+            for name, t in sd.items():
+                self._index[name] = TensorInfo(name, tuple(t.shape), t.dtype, f)
+
+    def _load_bin(self, f: Path) -> Mapping[str, torch.Tensor]:
+        if f not in self._bin_cache:
+            try:
+                # mmap keeps the data on disk until a tensor is touched; weights_only refuses pickled code
+                self._bin_cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # torch raises many types for corrupt archives
+                raise MtoolError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+        return self._bin_cache[f]
+
+    # -- access ----------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise MtoolError(f"tensor {name} not found in {self.path}") from None
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read one tensor (a private copy, safe to keep after the call)."""
+        info = self.info(name)
+        if info.file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(info.file, framework="pt") as fh:
+                    t = fh.get_tensor(name)
+            except Exception as e:
+                raise MtoolError(f"cannot read {name} from {info.file}: {e}") from None
+        else:
+            t = self._load_bin(info.file)[name].clone()
+        return t
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._index.values())
+
+    def iter_infos(self) -> Iterator[TensorInfo]:
+        return iter(self._index.values())
+
+
+# -- writer ----------------------------------------------------------------------
+
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+
+
+def parse_size(text: str | int | None) -> int:
+    """'5G', '500M', '2000000' -> bytes (decimal units, as llama.cpp's gguf-split uses)."""
+    if text is None or text == "" or text == 0:
+        return 0
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B")
+    units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(s)
+    except ValueError:
+        raise MtoolError(f"cannot parse size {text!r}; use e.g. 500M or 5G") from None
+
+
+def write_hf_checkpoint(
+    out: Path,
+    config: dict,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    *,
+    estimated_bytes: int,
+    max_shard_bytes: int = 5 * 1000**3,
+    copy_from: Path | None = None,
+    force: bool = False,
+    sources: tuple[Path, ...] = (),
+) -> Path:
+    """Write an HF model directory: sharded safetensors + index, config, tokenizer files.
+
+    Tensors stream in one at a time; a shard is flushed when the next tensor would
+    overflow it. The directory appears under `out` only once complete.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    check_output_path(out, force=force, sources=sources)
+    check_free_space(out.parent, estimated_bytes)
+    with staging_dir(out) as tmp:
+        shards: list[dict[str, torch.Tensor]] = []
+        current: dict[str, torch.Tensor] = {}
+        current_bytes = 0
+        weight_map: dict[str, str] = {}
+        shard_files: list[str] = []
+
+        def flush() -> None:
+            nonlocal current, current_bytes
+            if not current:
+                return
+            fname = f"part-{len(shard_files):05d}.safetensors"
+            save_file(current, str(tmp / fname), metadata={"format": "pt"})
+            shard_files.append(fname)
+            for k in current:
+                weight_map[k] = fname
+            current, current_bytes = {}, 0
+
+        total = 0
+        for name, t in tensors:
+            nb = t.numel() * t.element_size()
+            if current and current_bytes + nb > max_shard_bytes:
+                flush()
+            current[name] = t.contiguous()
+            current_bytes += nb
+            total += nb
+        flush()
+        del shards
+        n = len(shard_files)
+        if n == 1:
+            (tmp / shard_files[0]).rename(tmp / "model.safetensors")
+        else:
+            final_names = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(shard_files)}
+            for old, new in final_names.items():
+                (tmp / old).rename(tmp / new)
+            index = {"metadata": {"total_size": total}, "weight_map": {k: final_names[v] for k, v in weight_map.items()}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        if copy_from is not None:
+            for fname in TOKENIZER_FILES:
+                if (Path(copy_from) / fname).is_file():
+                    shutil.copy2(Path(copy_from) / fname, tmp / fname)
+        return commit_dir(tmp, out, force=force)

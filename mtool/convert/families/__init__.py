@@ -1,0 +1,31 @@
+"""Family adapters: one module per family, selected by config.json `architectures`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ...checkpoint import CheckpointReader
+from ...errors import MtoolError
+from ..canonical import CanonicalModel
+from . import llama
+
+# architectures entry -> adapter. Adding a family = one module + one line here.
+ADAPTERS: dict[str, Callable[[CheckpointReader], CanonicalModel]] = {
+    "LlamaForCausalLM": llama.adapt,
+    "MistralForCausalLM": llama.adapt,
+}
+
+
+def load_canonical(path: str | Path) -> CanonicalModel:
+    """Open an HF model directory and normalize it through its family adapter."""
+    reader = CheckpointReader(path)
+    archs = reader.config.get("architectures") or []
+    if not archs:
+        raise MtoolError(f"{path}/config.json has no 'architectures' entry; cannot tell the model family")
+    for arch in archs:
+        if arch in ADAPTERS:
+            return ADAPTERS[arch](reader)
+    raise MtoolError(
+        f"unknown architecture {archs[0]!r} in {path}/config.json (supported: {', '.join(sorted(ADAPTERS))})"
+    )

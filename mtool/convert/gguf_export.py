@@ -1,0 +1,200 @@
+"""Canonical model -> GGUF (llama.cpp), streamed one tensor at a time, written atomically.
+
+The plan (names, types, sizes, split points) is made from shapes alone, so the header is
+written first and tensor data follows in order: only the tensor being encoded (and the
+one prefetched) is ever in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import torch
+
+from ..errors import MtoolError
+from ..outputs import check_free_space, check_output_path, commit_files, staging_dir
+from .canonical import CanonicalModel, LazyTensor, rope_settings
+from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
+from .gguf_vocab import build_vocab
+
+HEADER_ALLOWANCE = 64 * 2**20  # vocab + metadata + alignment, for the free-space check
+
+
+@dataclass
+class PlannedTensor:
+    src: LazyTensor
+    gguf_name: str
+    qtype: Q
+    nbytes: int
+
+
+@dataclass
+class GGUFResult:
+    """What a conversion wrote, for the CLI summary."""
+
+    files: list[Path]
+    n_tensors: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    type_counts: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+
+def shard_paths(out: Path) -> list[Path]:
+    """Existing split shards that belong to `out` (name-00001-of-0000N.gguf)."""
+    return sorted(out.parent.glob(f"{out.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
+
+
+def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotate-half row order -> llama.cpp's interleaved pairs (inverse of HF's conversion permute)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _transform(model: CanonicalModel, name: str, t: torch.Tensor) -> torch.Tensor:
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return _unpermute_rotary(t, model.n_heads)
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        return _unpermute_rotary(t, model.n_kv_heads)
+    return t
+
+
+def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTensor], list[str]]:
+    """GGUF name, type and size of every tensor, from shapes alone."""
+    ot = OUTTYPES[outtype]
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.n_layers)
+    planned, notes = [], []
+    for lt in model.tensors:
+        gname = name_map.get_name(lt.name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise MtoolError(f"no GGUF name for tensor {lt.name}")
+        qtype, note = choose_qtype(gname, lt.shape, ot)
+        if note:
+            notes.append(note)
+        planned.append(PlannedTensor(lt, gname, qtype, encoded_nbytes(lt.shape, qtype)))
+    return planned, notes
+
+
+def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name: str) -> None:
+    cfg = model.config
+    ot = OUTTYPES[outtype]
+    w.add_name(name)
+    w.add_context_length(int(cfg["max_position_embeddings"]))
+    w.add_embedding_length(model.hidden)
+    w.add_block_count(model.n_layers)
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(model.n_heads)
+    w.add_head_count_kv(model.n_kv_heads)
+    w.add_rope_dimension_count(model.head_dim)
+    if model.head_dim != model.hidden // model.n_heads:
+        w.add_key_length(model.head_dim)
+        w.add_value_length(model.head_dim)
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    theta, scaling = rope_settings(cfg)
+    w.add_rope_freq_base(theta)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        elif kind == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        else:
+            raise MtoolError(f"rope scaling type {kind!r} in config.json is not supported for GGUF yet")
+    if cfg.get("num_local_experts"):
+        w.add_expert_count(int(cfg["num_local_experts"]))
+        w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
+    w.add_vocab_size(model.vocab_size)
+    w.add_file_type(ot.file_type)
+    if gguf.GGML_QUANT_SIZES[ot.qtype][0] > 1:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _load_checked(model: CanonicalModel, lt: LazyTensor) -> torch.Tensor:
+    t = lt.load()
+    if tuple(t.shape) != lt.shape:
+        raise MtoolError(f"tensor {lt.name}: read shape {list(t.shape)}, header said {list(lt.shape)}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise MtoolError(f"tensor {lt.name} has dtype {t.dtype}; only f32/f16/bf16 sources are supported")
+    if not torch.isfinite(t).all():
+        raise MtoolError(f"tensor {lt.name} contains NaN or Inf values")
+    return _transform(model, lt.name, t)
+
+
+def export_gguf(
+    model: CanonicalModel,
+    out: Path,
+    *,
+    outtype: str = "f16",
+    split_max_size: int = 0,
+    force: bool = False,
+    name: str | None = None,
+    progress: bool = True,
+) -> GGUFResult:
+    """Write `model` as GGUF at `out` (or as split shards next to it)."""
+    if outtype not in OUTTYPES:
+        raise MtoolError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    out = Path(out)
+    old_shards = shard_paths(out)
+    check_output_path(out, force=force, sources=[model.source], related=old_shards)
+    t0 = time.perf_counter()
+    planned, notes = plan_tensors(model, outtype)
+    vocab = build_vocab(model.tokenizer_dir, model.vocab_size)
+    notes = model.notes + vocab.notes + notes
+    total_out = sum(p.nbytes for p in planned)
+    check_free_space(out.parent, total_out + HEADER_ALLOWANCE)
+
+    with staging_dir(out) as tmp:
+        w = gguf.GGUFWriter(tmp / out.name, "llama", split_max_size=split_max_size)
+        _add_metadata(w, model, outtype, name or model.source.name)
+        vocab.add_to(w)
+        for p in planned:
+            shape, dtype = writer_shape_dtype(p.src.shape, p.qtype)
+            w.add_tensor_info(p.gguf_name, shape, dtype, p.nbytes, raw_dtype=p.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        bar = _progress(total_out, progress)
+        # Prefetch the next tensor from disk while this one is encoded and written.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(_load_checked, model, planned[0].src)
+            for i, p in enumerate(planned):
+                t = pending.result()
+                if i + 1 < len(planned):
+                    pending = pool.submit(_load_checked, model, planned[i + 1].src)
+                data = encode(t, p.qtype)
+                del t
+                if p.qtype == Q.F16 and not torch.isfinite(torch.from_numpy(data)).all():
+                    raise MtoolError(f"tensor {p.src.name} overflows float16; use --outtype bf16 or f32")
+                w.write_tensor_data(data)
+                del data
+                if bar:
+                    bar.update(p.nbytes)
+        if bar:
+            bar.close()
+        w.close()
+        written = sorted(tmp.glob("*.gguf"))
+        files = commit_files(written, out.parent, replace=[out, *old_shards] if force else [])
+
+    counts: dict[str, int] = {}
+    for p in planned:
+        counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+    return GGUFResult(
+        files=files, n_tensors=len(planned), bytes_in=model.total_bytes(), bytes_out=total_out,
+        seconds=time.perf_counter() - t0, type_counts=counts, notes=notes,
+    )
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="writing GGUF", leave=False)

@@ -1,0 +1,180 @@
+"""Tokenizer -> GGUF vocabulary (tokens, scores, types, merges, special ids, chat template).
+
+SentencePiece models (`tokenizer.model`) are read with sentencepiece itself; byte-level
+BPE models from `tokenizer.json`. The GGUF vocab always has exactly `vocab_size` entries
+(the embedding rows): rows the tokenizer does not name become unused `[PAD{i}]` tokens
+(the Ziya2 case), never dropped. Special ids, add_bos/add_eos and the chat template come
+from `gguf.SpecialVocab`, the same reader llama.cpp's converter uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from ..errors import MtoolError
+
+TT = gguf.TokenType
+ADDED_TOKEN_SCORE = -1000.0
+PAD_SCORE = -10000.0
+
+
+@dataclass
+class GGUFVocab:
+    """Everything the GGUF tokenizer section needs."""
+
+    model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    pre: str | None
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[int]
+    special: gguf.SpecialVocab
+    add_space_prefix: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def add_to(self, w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model(self.model)
+        if self.pre:
+            w.add_tokenizer_pre(self.pre)
+        w.add_token_list(self.tokens)
+        w.add_token_scores(self.scores)
+        w.add_token_types(self.types)
+        if self.add_space_prefix is not None:
+            w.add_add_space_prefix(self.add_space_prefix)
+        self.special.add_to_gguf(w, quiet=True)
+
+
+def _added_tokens(tok_dir: Path) -> dict[int, tuple[str, bool]]:
+    """id -> (content, special) from tokenizer.json, tokenizer_config.json and added_tokens.json."""
+    out: dict[int, tuple[str, bool]] = {}
+    tj = tok_dir / "tokenizer.json"
+    if tj.is_file():
+        for t in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", []):
+            out[int(t["id"])] = (t["content"], bool(t.get("special", False)))
+    tc = tok_dir / "tokenizer_config.json"
+    if tc.is_file():
+        for tid, t in (json.loads(tc.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}).items():
+            out[int(tid)] = (t["content"], bool(t.get("special", False)))
+    at = tok_dir / "added_tokens.json"
+    if at.is_file():
+        for content, tid in json.loads(at.read_text(encoding="utf-8")).items():
+            out.setdefault(int(tid), (content, False))
+    return out
+
+
+def _special_vocab(tok_dir: Path, n_vocab: int, *, merges: bool, default_add_bos: bool | None) -> gguf.SpecialVocab:
+    sv = gguf.SpecialVocab(tok_dir, load_merges=merges, n_vocab=n_vocab)
+    if "bos" not in sv.add_special_token and default_add_bos is not None:
+        sv.add_special_token["bos"] = default_add_bos
+    return sv
+
+
+def _sentencepiece_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    path = tok_dir / "tokenizer.model"
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:
+        raise MtoolError(f"cannot read SentencePiece model {path}: {e}") from None
+    n_pieces = sp.vocab_size()
+    if n_pieces > vocab_size:
+        raise MtoolError(
+            f"{path} has {n_pieces} pieces but config vocab_size is {vocab_size}: the embedding has fewer rows than the tokenizer"
+        )
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [PAD_SCORE] * vocab_size
+    types = [TT.UNUSED] * vocab_size
+    for i in range(n_pieces):
+        tokens[i] = sp.id_to_piece(i).encode("utf-8")
+        scores[i] = sp.get_score(i)
+        types[i] = (
+            TT.UNKNOWN if sp.is_unknown(i) else TT.CONTROL if sp.is_control(i)
+            else TT.UNUSED if sp.is_unused(i) else TT.BYTE if sp.is_byte(i) else TT.NORMAL
+        )
+    for tid, (content, special) in sorted(_added_tokens(tok_dir).items()):
+        if tid < n_pieces:
+            continue  # the piece itself (e.g. <s>, </s>): SentencePiece already typed it
+        if tid >= vocab_size:
+            raise MtoolError(
+                f"added token {content!r} has id {tid} beyond the embedding rows (vocab_size {vocab_size}); grow the model first"
+            )
+        tokens[tid] = content.encode("utf-8")
+        scores[tid] = ADDED_TOKEN_SCORE
+        types[tid] = TT.CONTROL if special else TT.USER_DEFINED
+    notes = []
+    if vocab_size > n_pieces:
+        n_pad = sum(1 for t in types[n_pieces:] if t == TT.UNUSED)
+        notes.append(f"vocab: {n_pieces} SentencePiece pieces, {n_pad} padding rows kept as unused [PAD] tokens")
+    # LlamaTokenizer adds BOS unless its config says otherwise.
+    special = _special_vocab(tok_dir, vocab_size, merges=False, default_add_bos=True)
+    return GGUFVocab(
+        "llama", "default", tokens, scores, types, special,
+        add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix), notes=notes,
+    )
+
+
+# Pre-tokenizer regexes of tokenizer.json files -> llama.cpp's pre-tokenizer names.
+_LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+_QWEN2_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+_PRE_BY_REGEX = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+
+def _bpe_pre(tokenizer: dict) -> str:
+    """Name llama.cpp's pre-tokenizer that matches tokenizer.json's pre_tokenizer."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    for p in parts:
+        if p.get("type") == "Split":
+            regex = (p.get("pattern") or {}).get("Regex")
+            if regex in _PRE_BY_REGEX:
+                return _PRE_BY_REGEX[regex]
+    raise MtoolError(
+        f"unsupported BPE pre-tokenizer {kinds}: llama.cpp would split text differently than the HF tokenizer"
+    )
+
+
+def _bpe_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
+    tokenizer = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tokenizer.get("model", {})
+    if model.get("type") != "BPE":
+        raise MtoolError(f"{tok_dir}/tokenizer.json: tokenizer model {model.get('type')!r} is not supported (BPE or SentencePiece)")
+    pre = _bpe_pre(tokenizer)
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [0.0] * vocab_size
+    types = [TT.UNUSED] * vocab_size
+    for text, tid in model["vocab"].items():
+        if tid >= vocab_size:
+            raise MtoolError(f"token {text!r} has id {tid} beyond the embedding rows (vocab_size {vocab_size})")
+        tokens[tid] = text.encode("utf-8")
+        types[tid] = TT.NORMAL
+    for tid, (content, special) in _added_tokens(tok_dir).items():
+        if tid >= vocab_size:
+            raise MtoolError(f"added token {content!r} has id {tid} beyond the embedding rows (vocab_size {vocab_size})")
+        tokens[tid] = content.encode("utf-8")
+        types[tid] = TT.CONTROL if special else TT.USER_DEFINED
+    special = _special_vocab(tok_dir, vocab_size, merges=True, default_add_bos=None)
+    return GGUFVocab("gpt2", pre, tokens, scores, types, special)
+
+
+def build_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
+    """The GGUF vocabulary for the tokenizer files in `tok_dir`."""
+    tok_dir = Path(tok_dir)
+    if (tok_dir / "tokenizer.model").is_file():
+        return _sentencepiece_vocab(tok_dir, vocab_size)
+    if (tok_dir / "tokenizer.json").is_file():
+        return _bpe_vocab(tok_dir, vocab_size)
+    raise MtoolError(f"{tok_dir} has no tokenizer.model or tokenizer.json; the GGUF needs a vocabulary")

@@ -1,0 +1,125 @@
+"""Tiny seeded Llama checkpoints with tokenizers trained on the fly.
+
+Used by `mtool demo`, the test suite and the benchmarks: nothing is downloaded, every
+model is built by transformers itself from a config, and its tokenizer is trained on the
+built-in bilingual text (SentencePiece like Llama/Yi/Ziya2, or byte-level BPE).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .verify.data import builtin_text
+
+SPM_SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+BPE_BOS, BPE_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}### Human: {{ m['content'] }}\n\n"
+    "{% else %}### Assistant: {{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a tiny Llama; defaults give an MHA, tied, SentencePiece model."""
+
+    tokenizer: str = "spm"  # "spm" | "bpe"
+    tokenizer_vocab: int = 700
+    extra_rows: int = 0  # embedding rows beyond the tokenizer's pieces (Ziya2 case)
+    hidden: int = 128
+    intermediate: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int | None = None
+    tied: bool = True
+    max_positions: int = 512
+    rope_theta: float = 10000.0
+    init_std: float = 0.08  # wider than the usual 0.02 so logits are peaked and comparisons sharp
+    dtype: str = "float32"
+    seed: int = 0
+    max_shard_size: str | None = None
+
+
+def _corpus_lines() -> list[str]:
+    return [line for line in builtin_text().splitlines() if line.strip()]
+
+
+def train_spm_tokenizer(out: Path, vocab_size: int, *, extra_special: tuple[str, ...] = ()) -> None:
+    """Train a Llama-style SentencePiece BPE model (byte fallback, identity normalization)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus_lines() * 3), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, allow_whitespace_only_pieces=True,
+        num_threads=1, minloglevel=2, max_sentence_length=10000,
+    )
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer", **SPM_SPECIALS,
+        "add_bos_token": True, "add_eos_token": False, "chat_template": DEMO_CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def train_bpe_tokenizer(out: Path, vocab_size: int) -> None:
+    """Train a GPT-2-style byte-level BPE tokenizer.json that prepends BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BPE_BOS, BPE_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tk.train_from_iterator(_corpus_lines() * 3, trainer)
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{BPE_BOS} $A", pair=f"{BPE_BOS} $A {BPE_BOS} $B", special_tokens=[(BPE_BOS, tk.token_to_id(BPE_BOS))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BPE_BOS, eos_token=BPE_EOS)
+    fast.chat_template = DEMO_CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+
+
+def make_tiny_llama(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Write a seeded tiny LlamaForCausalLM + tokenizer into `out` and return it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.tokenizer == "spm":
+        train_spm_tokenizer(out, spec.tokenizer_vocab)
+        bos, eos = 1, 2
+    elif spec.tokenizer == "bpe":
+        train_bpe_tokenizer(out, spec.tokenizer_vocab)
+        bos, eos = 0, 1
+    else:
+        raise ValueError(f"unknown tokenizer kind {spec.tokenizer!r}")
+    vocab = spec.tokenizer_vocab + spec.extra_rows
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads or spec.heads, max_position_embeddings=spec.max_positions,
+        rms_norm_eps=1e-5, rope_theta=spec.rope_theta, tie_word_embeddings=spec.tied,
+        initializer_range=spec.init_std, bos_token_id=bos, eos_token_id=eos,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # RMSNorm weights start at 1; jitter them so a swapped norm is visible
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    model = model.to(getattr(torch, spec.dtype))
+    kwargs = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
+    model.save_pretrained(str(out), **kwargs)
+    return out
