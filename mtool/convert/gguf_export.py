@@ -73,7 +73,7 @@ def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTenso
         gname = name_map.get_name(lt.name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise MtoolError(f"no GGUF name for tensor {lt.name}")
-        qtype, note = choose_qtype(gname, lt.shape, ot)
+        qtype, note = choose_qtype(gname, lt.shape, ot, tied=model.tied)
         if note:
             notes.append(note)
         planned.append(PlannedTensor(lt, gname, qtype, encoded_nbytes(lt.shape, qtype)))

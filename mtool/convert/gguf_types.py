@@ -50,11 +50,16 @@ ALWAYS_F32_SUFFIXES = (".ffn_gate_inp.weight",)  # MoE router: tiny and routing-
 ROW_FALLBACK = Q.F16
 
 
-def choose_qtype(gguf_name: str, shape: tuple[int, ...], outtype: OutType) -> tuple[Q, str | None]:
-    """GGML type for one tensor, and a note when it differs from the outtype for a reason."""
+def choose_qtype(gguf_name: str, shape: tuple[int, ...], outtype: OutType, *, tied: bool = False) -> tuple[Q, str | None]:
+    """GGML type for one tensor, and a note when it differs from the outtype for a reason.
+
+    With tied embeddings llama.cpp uses token_embd as the output matrix, so it gets the
+    output type (as llama-quantize does when a model has no output.weight).
+    """
     if len(shape) == 1 or gguf_name.endswith(ALWAYS_F32_SUFFIXES):
         return Q.F32, None
-    qtype = outtype.output_qtype if (gguf_name == "output.weight" and outtype.output_qtype) else outtype.qtype
+    is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    qtype = outtype.output_qtype if (is_output and outtype.output_qtype) else outtype.qtype
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
         return ROW_FALLBACK, f"{gguf_name}: row length {shape[-1]} is not a multiple of {block}, written as {ROW_FALLBACK.name}"

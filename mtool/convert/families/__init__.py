@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ...checkpoint import CheckpointReader
+from ...checkpoint import SUPPORTED_DTYPES, CheckpointReader
 from ...errors import MtoolError
 from ..canonical import CanonicalModel
 from . import llama
@@ -25,7 +25,11 @@ def load_canonical(path: str | Path) -> CanonicalModel:
         raise MtoolError(f"{path}/config.json has no 'architectures' entry; cannot tell the model family")
     for arch in archs:
         if arch in ADAPTERS:
-            return ADAPTERS[arch](reader)
+            model = ADAPTERS[arch](reader)
+            for t in model.tensors:
+                if t.dtype not in SUPPORTED_DTYPES:
+                    raise MtoolError(f"tensor {t.name} has dtype {t.dtype}; only f32/f16/bf16 sources are supported")
+            return model
     raise MtoolError(
         f"unknown architecture {archs[0]!r} in {path}/config.json (supported: {', '.join(sorted(ADAPTERS))})"
     )

@@ -1,0 +1,183 @@
+"""The `mtool` command line: thin wrappers that parse, call one function, and report.
+
+Exit status: 0 success, 1 a verification threshold failed, 2 bad input or any other error
+(one line on stderr, no partial output left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MtoolError
+
+EXIT_FAIL, EXIT_ERROR = 1, 2
+
+
+class _Group(click.Group):
+    """Turns MtoolError (and Ctrl-C) into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MtoolError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was written", err=True)
+            ctx.exit(130)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mtool")
+def cli() -> None:
+    """Turn Hugging Face LLM checkpoints into verified release artifacts.
+
+    \b
+    Typical release flow:
+      mtool inspect ./Yi-34B
+      mtool convert ./Yi-34B -o yi-34b-q8_0.gguf --outtype q8_0
+      mtool verify ./Yi-34B yi-34b-q8_0.gguf --json report.json   # exit 1 on failure
+    """
+    _quiet_libraries()
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output file (.gguf) or directory.")
+@click.option("--to", "to", type=click.Choice(["gguf", "hf", "gptq", "awq"]), default=None,
+              help="Output format. Default: gguf when OUT ends in .gguf.")
+@click.option("--outtype", default="f16", show_default=True,
+              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
+              help="GGUF tensor type. Norms and 1-D tensors stay f32; at 4/5 bits output.weight is q8_0.")
+@click.option("--split-max-size", default=None, metavar="SIZE",
+              help="Split the GGUF into shards of at most SIZE (e.g. 2G, 500M); llama.cpp loads the first shard.")
+@click.option("--name", default=None, help="general.name written into the GGUF (default: source directory name).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: str | None, name: str | None,
+            force: bool, quiet: bool) -> None:
+    """Convert the HF checkpoint SRC to OUT.
+
+    \b
+    Examples:
+      mtool convert ./SUS-Chat-34B -o sus-chat-34b-f16.gguf
+      mtool convert ./Ziya2-13B-Chat -o ziya2-q8_0.gguf --outtype q8_0 --split-max-size 4G
+    """
+    from .checkpoint import parse_size
+    from .convert.families import load_canonical
+
+    to = to or ("gguf" if out.suffix == ".gguf" else None)
+    if to is None:
+        raise MtoolError("cannot tell the output format: give --to, or an OUT ending in .gguf")
+    if to != "gguf":
+        raise MtoolError(f"--to {to} is not available in this version (GGUF only so far)")
+    if out.suffix != ".gguf":
+        raise MtoolError(f"GGUF output {out} must end in .gguf")
+    from .convert.gguf_export import export_gguf
+
+    model = load_canonical(src)
+    res = export_gguf(model, out, outtype=outtype, split_max_size=parse_size(split_max_size), force=force,
+                      name=name, progress=not quiet)
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(res.type_counts.items()))
+    mbps = res.bytes_in / 1e6 / res.seconds if res.seconds else 0.0
+    click.echo(f"wrote {len(res.files)} file(s), {res.n_tensors} tensors ({types}), {res.bytes_out / 1e6:.1f} MB "
+               f"in {res.seconds:.1f} s ({mbps:.0f} MB/s in)")
+    for f in res.files:
+        click.echo(f"  {f}")
+
+
+@cli.command()
+@click.argument("ref", type=click.Path(path_type=Path))
+@click.argument("cand", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text (.txt, or .jsonl with a 'text' field). Default: built-in English/Chinese sample.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Device of the torch runners. llama.cpp offloads to the GPU when built with GPU support.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per evaluation window (capped at the model's context).")
+@click.option("--max-windows", default=8, show_default=True, help="Evaluate at most this many windows.")
+@click.option("--max-kld", type=float, default=None, help="Fail when mean KL divergence exceeds this (default per type).")
+@click.option("--min-top1", type=float, default=None, help="Fail when top-1 agreement is below this fraction.")
+@click.option("--max-ppl-ratio", type=float, default=None, help="Fail when PPL(candidate)/PPL(reference) exceeds this.")
+@click.option("--allow-token-mismatch", is_flag=True, help="Do not fail when llama.cpp tokenizes differently.")
+@click.option("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores).")
+def verify(ref: Path, cand: Path, data: Path | None, json_out: Path | None, device: str, ctx: int, max_windows: int,
+           max_kld: float | None, min_top1: float | None, max_ppl_ratio: float | None,
+           allow_token_mismatch: bool, threads: int | None) -> None:
+    """Check that artifact CAND computes what the HF model REF computes.
+
+    Runs both on the same token windows and reports perplexities, PPL ratio, mean and p99
+    KL divergence, top-1 agreement, max |delta logit| and tokenization agreement.
+    Exits 1 when a threshold is exceeded, so it can gate CI.
+
+    \b
+    Example:
+      mtool verify ./Yi-34B yi-34b-q8_0.gguf --json verify.json
+    """
+    from .verify.report import run_verify
+
+    rep = run_verify(ref, cand, data=data, device=device, ctx=ctx, max_windows=max_windows,
+                     overrides={"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio},
+                     allow_token_mismatch=allow_token_mismatch, threads=threads)
+    click.echo(rep.table())
+    if json_out:
+        json_out.write_text(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
+    if not rep.passed:
+        sys.exit(EXIT_FAIL)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Summarize an HF model directory or a GGUF file.
+
+    \b
+    Example:
+      mtool inspect model-q8_0.gguf
+    """
+    from .inspect import inspect_path, render
+
+    summary = inspect_path(path)
+    click.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary))
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where to put the demo files (default: a temp dir).")
+def demo(workdir: Path | None) -> None:
+    """Build a tiny Llama, convert it to GGUF (f16, q8_0) and verify each with llama.cpp."""
+    from .demo import run_demo
+
+    reports = run_demo(workdir, echo=click.echo)
+    if not all(r.passed for r in reports):
+        sys.exit(EXIT_FAIL)
+
+
+def main() -> None:
+    cli(prog_name="mtool")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Runners turn token ids into logits: transformers (torch) and llama.cpp (llama-cpp-python)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MtoolError
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MtoolError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def is_gguf(path: Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix == ".gguf"
+
+
+class HFRunner:
+    """A transformers model in float32 on cpu or cuda."""
+
+    kind = "transformers"
+
+    def __init__(self, path: Path, device: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ..convert.families import load_canonical
+
+        load_canonical(path)  # same family checks as convert, with the same clear errors
+        self.device = resolve_device(device)
+        self.path = Path(path)
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(self.device).eval()
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.label = f"transformers ({self.device}, f32)"
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.tensor([ids], device=self.device)).logits[0]
+        return out.float().cpu().numpy()
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Scalar metadata of a GGUF file (arrays such as the vocab are summarized by length)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta: dict = {}
+    for key, f in reader.fields.items():
+        if not f.types:
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            meta[key] = f"[{len(f.data)} items]"
+        elif f.types[0] == gguf.GGUFValueType.STRING:
+            meta[key] = bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+        else:
+            meta[key] = f.parts[f.data[0]].tolist()[0]
+    return meta
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python, with an f32 KV cache so parity is not masked by cache rounding."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise MtoolError("llama-cpp-python is not installed; it is needed to run GGUF files") from None
+        self.path = Path(path)
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+            type_k=0, type_v=0, n_gpu_layers=-1 if gpu else 0, verbose=False, seed=0,
+            n_threads=threads or max(1, os.cpu_count() or 1),
+        )
+        self.vocab_size = int(self.llm.n_vocab())
+        self.label = f"llama.cpp ({'gpu offload' if gpu else 'cpu'}, f32 KV)"
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def tokenize(self, text: str) -> list[int]:
+        # add_bos=True lets llama.cpp decide from the GGUF's add_bos_token, as it does at run time
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+
+def open_candidate(path: Path, *, n_ctx: int, device: str, threads: int | None):
+    """Runner for a candidate artifact: a GGUF file or an HF model directory."""
+    path = Path(path)
+    if is_gguf(path):
+        return LlamaCppRunner(path, n_ctx, threads)
+    if path.is_dir():
+        return HFRunner(path, device)
+    raise MtoolError(f"candidate {path} is neither a .gguf file nor a model directory")

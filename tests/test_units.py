@@ -1,0 +1,53 @@
+"""Unit checks of pieces that have an independent reference: Q8_0 bytes, metrics, windows."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+from mtool.convert.gguf_types import Q, encode
+from mtool.verify.data import token_windows
+from mtool.verify.metrics import ParityAccumulator
+
+
+def test_q8_0_encoder_is_byte_identical_to_gguf_py():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g)
+    w[3] = 0.0  # all-zero blocks
+    w[5, :32] = torch.arange(32) * 0.5 - 8  # exact .5 ties after scaling
+    ours = encode(w, Q.Q8_0)
+    ref = gguf.quants.quantize(w.numpy(), Q.Q8_0)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_bf16_and_f16_encoders_round_trip():
+    w = torch.randn(8, 64)
+    assert np.array_equal(encode(w, Q.F16), w.half().numpy())
+    bf = encode(w, Q.BF16)
+    back = gguf.quants.dequantize(bf.view(np.uint8), Q.BF16).reshape(8, 64)
+    np.testing.assert_array_equal(back, w.bfloat16().float().numpy())
+
+
+def test_metrics_against_torch():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(10, 50, generator=g, dtype=torch.float64)
+    cand = ref + 0.1 * torch.randn(10, 50, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 50, (10,), generator=g).tolist()
+    acc = ParityAccumulator()
+    acc.add(ids, ref.numpy(), cand.numpy())
+    r = acc.result()
+    lr, lc = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
+    kld = torch.nn.functional.kl_div(lc, lr, log_target=True, reduction="none").sum(-1)
+    assert abs(r["kld_mean"] - float(kld.mean())) < 1e-12
+    nll = torch.nn.functional.cross_entropy(ref[:-1], torch.tensor(ids[1:]))
+    assert abs(r["ppl_ref"] - float(torch.exp(nll))) < 1e-9
+    assert r["top1_agreement"] == float((ref.argmax(-1) == cand.argmax(-1)).double().mean())
+
+
+def test_windows_start_with_bos():
+    ids = [1] + list(range(100, 400))
+    ws = token_windows(ids, ctx=64, max_windows=3, bos_id=1)
+    assert len(ws) == 3 and all(len(w) == 64 and w[0] == 1 for w in ws)
+    assert ws[1][1] == ws[0][-1] + 1  # consecutive, no token skipped
