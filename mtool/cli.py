@@ -35,16 +35,14 @@ class _Group(click.Group):
 
 
 def _quiet_libraries() -> None:
+    # environment, not imports: importing transformers here would add a second to every command
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("gguf").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
+    from .memory import return_freed_memory_promptly
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    return_freed_memory_promptly()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

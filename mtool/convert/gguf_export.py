@@ -7,7 +7,10 @@ one prefetched) is ever in memory.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +21,11 @@ import torch
 from ..errors import MtoolError
 from ..outputs import check_free_space, check_output_path, commit_files, staging_dir
 from .canonical import CanonicalModel, LazyTensor, rope_settings
-from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
+from .gguf_types import F16_MAX, OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, scan_values, writer_shape_dtype
 from .gguf_vocab import build_vocab
 
 HEADER_ALLOWANCE = 64 * 2**20  # vocab + metadata + alignment, for the free-space check
+PREPARE_WORKERS = 2  # tensors encoded concurrently (each holds one tensor in memory)
 
 
 @dataclass
@@ -117,15 +121,20 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _load_checked(model: CanonicalModel, lt: LazyTensor) -> torch.Tensor:
+def _prepare(model: CanonicalModel, p: PlannedTensor):
+    """Read, check, transform and encode one tensor (runs in the prefetch thread)."""
+    lt = p.src
     t = lt.load()
     if tuple(t.shape) != lt.shape:
         raise MtoolError(f"tensor {lt.name}: read shape {list(t.shape)}, header said {list(lt.shape)}")
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise MtoolError(f"tensor {lt.name} has dtype {t.dtype}; only f32/f16/bf16 sources are supported")
-    if not torch.isfinite(t).all():
+    finite, amax = scan_values(t)
+    if not finite:
         raise MtoolError(f"tensor {lt.name} contains NaN or Inf values")
-    return _transform(model, lt.name, t)
+    if p.qtype == Q.F16 and amax > F16_MAX:
+        raise MtoolError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
+    return encode(_transform(model, lt.name, t), p.qtype)
 
 
 def export_gguf(
@@ -162,21 +171,30 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         bar = _progress(total_out, progress)
-        # Prefetch the next tensor from disk while this one is encoded and written.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(_load_checked, model, planned[0].src)
-            for i, p in enumerate(planned):
-                t = pending.result()
-                if i + 1 < len(planned):
-                    pending = pool.submit(_load_checked, model, planned[i + 1].src)
-                data = encode(t, p.qtype)
-                del t
-                if p.qtype == Q.F16 and not torch.isfinite(torch.from_numpy(data)).all():
-                    raise MtoolError(f"tensor {p.src.name} overflows float16; use --outtype bf16 or f32")
-                w.write_tensor_data(data)
-                del data
-                if bar:
-                    bar.update(p.nbytes)
+        # Tensors are read, checked and encoded by worker threads (each torch op on one core)
+        # while the main thread writes, in order, what they finished: on small machines the
+        # write and the encoding then share the cores instead of taking turns.
+        n_workers = max(1, min(PREPARE_WORKERS, os.cpu_count() or 1))
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, torch_threads // n_workers))
+        try:
+            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                ahead: deque = deque()
+                todo = iter(planned)
+                for p in itertools.islice(todo, n_workers + 1):
+                    ahead.append((p, pool.submit(_prepare, model, p)))
+                while ahead:
+                    p, fut = ahead.popleft()
+                    data = fut.result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        ahead.append((nxt, pool.submit(_prepare, model, nxt)))
+                    w.write_tensor_data(data)
+                    del data
+                    if bar:
+                        bar.update(p.nbytes)
+        finally:
+            torch.set_num_threads(torch_threads)
         if bar:
             bar.close()
         w.close()

@@ -82,24 +82,55 @@ def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...
     return gguf.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
 
 
+# Rows are encoded in chunks of about this many elements, so the f32 temporaries of a
+# quantizer stay a few MB whatever the tensor size (the embedding of a 150k vocab is 1 GB+).
+CHUNK_ELEMENTS = 1 << 20
+
+
 def _q8_0_torch(t: torch.Tensor) -> np.ndarray:
     blocks = t.to(torch.float32).reshape(-1, 32)
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     x = blocks * inv
-    qs = (torch.sign(x) * torch.floor(x.abs() + 0.5)).to(torch.int8)  # np_roundf: half away from zero
-    out = torch.cat([d.to(torch.float16).view(torch.uint8), qs.view(torch.uint8)], dim=1)
-    return out.numpy().reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), Q.Q8_0))
+    # np_roundf (half away from zero): add +-0.5, then the int8 cast truncates toward zero
+    qs = (x + torch.copysign(torch.tensor(0.5), x)).to(torch.int8)
+    return torch.cat([d.to(torch.float16).view(torch.uint8), qs.view(torch.uint8)], dim=1).numpy()
+
+
+def _encode_rows(t: torch.Tensor, qtype: Q) -> np.ndarray:
+    if qtype == Q.Q8_0:
+        return _q8_0_torch(t)
+    return gguf.quants.quantize(t.to(torch.float32).numpy(), qtype)
 
 
 def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
     """Encode a float tensor as `qtype`; returns the bytes GGUF stores (as a numpy array)."""
+    t = t.contiguous()
     if qtype == Q.F32:
-        return t.to(torch.float32).contiguous().numpy()
+        return t.to(torch.float32).numpy()
     if qtype == Q.F16:
-        return t.to(torch.float16).contiguous().numpy()
+        return t.to(torch.float16).numpy()
     if qtype == Q.BF16:
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    if qtype == Q.Q8_0:
-        return _q8_0_torch(t.contiguous())
-    return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    rows = t.reshape(-1, t.shape[-1])
+    out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    for r in range(0, rows.shape[0], step):
+        out[r : r + step] = _encode_rows(rows[r : r + step], qtype).reshape(-1, out.shape[1])
+    return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
+
+
+F16_MAX = 65504.0
+
+
+def scan_values(t: torch.Tensor) -> tuple[bool, float]:
+    """(all finite, max |value|) in one pass (aminmax propagates NaN), chunked so the
+    temporaries stay small."""
+    amax = 0.0
+    for chunk in t.reshape(-1).split(CHUNK_ELEMENTS):
+        lo, hi = torch.aminmax(chunk)
+        lo, hi = float(lo), float(hi)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return False, float("inf")
+        amax = max(amax, -lo, hi)
+    return True, amax
