@@ -178,6 +178,25 @@ class CheckpointReader:
             raise MtoolError(f"cannot read {name} from {info.file}: file ended after {got} of {info.nbytes} bytes")
         return t
 
+    def load_rows(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Rows [start, start+count) of a tensor viewed as 2-D (leading dims flattened):
+        one expert of a fused [E, rows, cols] tensor, without reading the others."""
+        info = self.info(name)
+        row_shape = info.shape[-1:]
+        n_rows = info.nbytes // max(1, info.dtype.itemsize * info.shape[-1])
+        if start < 0 or start + count > n_rows:
+            raise MtoolError(f"rows {start}..{start + count} are outside {name} ({n_rows} rows)")
+        if info.offset < 0:
+            return self._load_bin(info.file)[name].reshape(-1, *row_shape)[start : start + count].clone()
+        t = torch.empty((count, *row_shape), dtype=info.dtype)
+        row_bytes = info.shape[-1] * info.dtype.itemsize
+        with open(info.file, "rb", buffering=0) as fh:
+            fh.seek(info.offset + start * row_bytes)
+            got = fh.readinto(t.view(-1).view(torch.uint8).numpy())
+        if got != count * row_bytes:
+            raise MtoolError(f"cannot read {name} from {info.file}: file ended early")
+        return t
+
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._index.values())
 

@@ -44,6 +44,9 @@ class TinySpec:
     dtype: str = "float32"
     seed: int = 0
     train_steps: int = 0  # a short AdamW run on the built-in text: peaked, realistic predictions
+    experts: int = 0  # > 0: a MixtralForCausalLM with this many experts
+    experts_per_tok: int = 2
+    added_special: tuple[str, ...] = ()  # control tokens appended after the tokenizer's pieces
     max_shard_size: str | None = None
 
 
@@ -51,7 +54,7 @@ def _corpus_lines() -> list[str]:
     return [line for line in builtin_text().splitlines() if line.strip()]
 
 
-def train_spm_tokenizer(out: Path, vocab_size: int, *, extra_special: tuple[str, ...] = ()) -> None:
+def train_spm_tokenizer(out: Path, vocab_size: int, *, added_special: tuple[str, ...] = ()) -> None:
     """Train a Llama-style SentencePiece BPE model (byte fallback, identity normalization)."""
     import sentencepiece as spm
 
@@ -69,6 +72,13 @@ def train_spm_tokenizer(out: Path, vocab_size: int, *, extra_special: tuple[str,
         "add_bos_token": True, "add_eos_token": False, "chat_template": DEMO_CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    if added_special:
+        # as real extended checkpoints ship them: a tokenizer.json whose added tokens follow the pieces
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(out))
+        tok.add_special_tokens({"additional_special_tokens": list(added_special)})
+        tok.save_pretrained(str(out))
 
 
 def train_bpe_tokenizer(out: Path, vocab_size: int) -> None:
@@ -93,21 +103,21 @@ def train_bpe_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def make_tiny_llama(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Write a seeded tiny LlamaForCausalLM + tokenizer into `out` and return it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Write a seeded tiny LlamaForCausalLM (or MixtralForCausalLM) + tokenizer into `out`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if spec.tokenizer == "spm":
-        train_spm_tokenizer(out, spec.tokenizer_vocab)
+        train_spm_tokenizer(out, spec.tokenizer_vocab, added_special=spec.added_special)
         bos, eos = 1, 2
     elif spec.tokenizer == "bpe":
         train_bpe_tokenizer(out, spec.tokenizer_vocab)
         bos, eos = 0, 1
     else:
         raise ValueError(f"unknown tokenizer kind {spec.tokenizer!r}")
-    vocab = spec.tokenizer_vocab + spec.extra_rows
-    config = LlamaConfig(
+    vocab = spec.tokenizer_vocab + len(spec.added_special) + spec.extra_rows
+    common = dict(
         vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads or spec.heads, max_position_embeddings=spec.max_positions,
@@ -115,7 +125,11 @@ def make_tiny_llama(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
         initializer_range=spec.init_std, bos_token_id=bos, eos_token_id=eos,
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
+    if spec.experts:
+        config = MixtralConfig(num_local_experts=spec.experts, num_experts_per_tok=spec.experts_per_tok, **common)
+        model = MixtralForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # RMSNorm weights start at 1; jitter them so a swapped norm is visible
         for name, p in model.named_parameters():
             if p.ndim == 1:

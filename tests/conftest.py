@@ -35,3 +35,14 @@ def tiny_models(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def gqa_model(tiny_models):
     return tiny_models["gqa_untied_spm"]
+
+
+HUOZI_TOKENS = ("<|beginofutterance|>", "<|endofutterance|>")
+MIXTRAL_SPEC = TinySpec(tokenizer="spm", experts=8, experts_per_tok=2, kv_heads=2, tied=False,
+                        added_special=HUOZI_TOKENS, train_steps=30, seed=4)
+
+
+@pytest.fixture(scope="session")
+def mixtral_model(tmp_path_factory):
+    """Tiny Huozi-shaped Mixtral: 8 experts, top-2, SentencePiece + the two chat tokens."""
+    return make_tiny_llama(tmp_path_factory.mktemp("moe") / "mixtral", MIXTRAL_SPEC)

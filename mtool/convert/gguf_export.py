@@ -7,8 +7,8 @@ one prefetched) is ever in memory.
 
 from __future__ import annotations
 
-import itertools
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 
 from ..errors import MtoolError
@@ -26,14 +27,27 @@ from .gguf_vocab import build_vocab
 
 HEADER_ALLOWANCE = 64 * 2**20  # vocab + metadata + alignment, for the free-space check
 PREPARE_WORKERS = 2  # tensors encoded concurrently (each holds one tensor in memory)
+INFLIGHT_BYTES = 256 * 2**20  # encoded bytes queued ahead of the writer
 
 
 @dataclass
 class PlannedTensor:
-    src: LazyTensor
+    """One GGUF tensor: a single canonical tensor, or several stacked along a new first dim."""
+
     gguf_name: str
+    shape: tuple[int, ...]
     qtype: Q
     nbytes: int
+    parts: list[LazyTensor]
+
+    @property
+    def stacked(self) -> bool:
+        return len(self.shape) == len(self.parts[0].shape) + 1
+
+
+# MoE experts are stacked per layer into one GGUF tensor per projection.
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_EXPERT_GGUF = {"w1": gguf.MODEL_TENSOR.FFN_GATE_EXP, "w2": gguf.MODEL_TENSOR.FFN_DOWN_EXP, "w3": gguf.MODEL_TENSOR.FFN_UP_EXP}
 
 
 @dataclass
@@ -72,15 +86,32 @@ def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTenso
     """GGUF name, type and size of every tensor, from shapes alone."""
     ot = OUTTYPES[outtype]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.n_layers)
-    planned, notes = [], []
+    planned: list[PlannedTensor] = []
+    stacks: dict[str, PlannedTensor] = {}
     for lt in model.tensors:
+        m = _EXPERT.match(lt.name)
+        if m:
+            layer, expert, w = int(m.group(1)), int(m.group(2)), m.group(3)
+            gname = gguf.TENSOR_NAMES[_EXPERT_GGUF[w]].format(bid=layer) + ".weight"
+            if gname not in stacks:
+                stacks[gname] = PlannedTensor(gname, lt.shape, Q.F32, 0, [])
+                planned.append(stacks[gname])
+            if expert != len(stacks[gname].parts):
+                raise MtoolError(f"expert tensors of layer {layer} are out of order at {lt.name}")
+            stacks[gname].parts.append(lt)
+            continue
         gname = name_map.get_name(lt.name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise MtoolError(f"no GGUF name for tensor {lt.name}")
-        qtype, note = choose_qtype(gname, lt.shape, ot, tied=model.tied)
+        planned.append(PlannedTensor(gname, lt.shape, Q.F32, 0, [lt]))
+    notes = []
+    for p in planned:
+        if p.gguf_name in stacks:
+            p.shape = (len(p.parts), *p.parts[0].shape)
+        p.qtype, note = choose_qtype(p.gguf_name, p.shape, ot, tied=model.tied)
+        p.nbytes = encoded_nbytes(p.shape, p.qtype)
         if note:
             notes.append(note)
-        planned.append(PlannedTensor(lt, gname, qtype, encoded_nbytes(lt.shape, qtype)))
     return planned, notes
 
 
@@ -121,9 +152,7 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _prepare(model: CanonicalModel, p: PlannedTensor):
-    """Read, check, transform and encode one tensor (runs in the prefetch thread)."""
-    lt = p.src
+def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q):
     t = lt.load()
     if tuple(t.shape) != lt.shape:
         raise MtoolError(f"tensor {lt.name}: read shape {list(t.shape)}, header said {list(lt.shape)}")
@@ -132,9 +161,23 @@ def _prepare(model: CanonicalModel, p: PlannedTensor):
     finite, amax = scan_values(t)
     if not finite:
         raise MtoolError(f"tensor {lt.name} contains NaN or Inf values")
-    if p.qtype == Q.F16 and amax > F16_MAX:
+    if qtype == Q.F16 and amax > F16_MAX:
         raise MtoolError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
-    return encode(_transform(model, lt.name, t), p.qtype)
+    return encode(_transform(model, lt.name, t), qtype)
+
+
+def _prepare(model: CanonicalModel, p: PlannedTensor):
+    """Read, check, transform and encode one GGUF tensor (runs in a worker thread).
+
+    Stacked expert tensors are encoded part by part into their slice of the output, so
+    only one expert's source is in memory beside the output."""
+    if not p.stacked:
+        return _prepare_part(model, p.parts[0], p.qtype)
+    shape, dtype = writer_shape_dtype(p.shape, p.qtype)
+    out = np.empty(shape, dtype=dtype)
+    for i, part in enumerate(p.parts):
+        out[i] = _prepare_part(model, part, p.qtype)
+    return out
 
 
 def export_gguf(
@@ -165,7 +208,7 @@ def export_gguf(
         _add_metadata(w, model, outtype, name or model.source.name)
         vocab.add_to(w)
         for p in planned:
-            shape, dtype = writer_shape_dtype(p.src.shape, p.qtype)
+            shape, dtype = writer_shape_dtype(p.shape, p.qtype)
             w.add_tensor_info(p.gguf_name, shape, dtype, p.nbytes, raw_dtype=p.qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -179,18 +222,28 @@ def export_gguf(
         torch.set_num_threads(max(1, torch_threads // n_workers))
         try:
             with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                # Work is queued ahead while it fits a byte budget, so a model with huge
+                # tensors (stacked experts) holds at most about two of them at once.
+                budget = max(INFLIGHT_BYTES, max(p.nbytes for p in planned))
                 ahead: deque = deque()
-                todo = iter(planned)
-                for p in itertools.islice(todo, n_workers + 1):
-                    ahead.append((p, pool.submit(_prepare, model, p)))
+                todo = deque(planned)
+                inflight = 0
+
+                def fill() -> None:
+                    nonlocal inflight
+                    while todo and len(ahead) <= n_workers and (not ahead or inflight + todo[0].nbytes <= budget):
+                        p = todo.popleft()
+                        inflight += p.nbytes
+                        ahead.append((p, pool.submit(_prepare, model, p)))
+
+                fill()
                 while ahead:
                     p, fut = ahead.popleft()
                     data = fut.result()
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        ahead.append((nxt, pool.submit(_prepare, model, nxt)))
                     w.write_tensor_data(data)
                     del data
+                    inflight -= p.nbytes
+                    fill()
                     if bar:
                         bar.update(p.nbytes)
         finally:

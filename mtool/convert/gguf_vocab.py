@@ -109,15 +109,41 @@ def _sentencepiece_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
         scores[tid] = ADDED_TOKEN_SCORE
         types[tid] = TT.CONTROL if special else TT.USER_DEFINED
     notes = []
-    if vocab_size > n_pieces:
-        n_pad = sum(1 for t in types[n_pieces:] if t == TT.UNUSED)
+    n_pad = sum(1 for t in types[n_pieces:] if t == TT.UNUSED)
+    if n_pad:
         notes.append(f"vocab: {n_pieces} SentencePiece pieces, {n_pad} padding rows kept as unused [PAD] tokens")
     # LlamaTokenizer adds BOS unless its config says otherwise.
     special = _special_vocab(tok_dir, vocab_size, merges=False, default_add_bos=True)
     return GGUFVocab(
         "llama", "default", tokens, scores, types, special,
-        add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix), notes=notes,
+        add_space_prefix=_space_prefix(tok_dir, bool(proto.normalizer_spec.add_dummy_prefix)), notes=notes,
     )
+
+
+def _space_prefix(tok_dir: Path, proto_default: bool) -> bool:
+    """Whether the HF tokenizer puts '▁' before the text, which llama.cpp must then do too.
+
+    tokenizer.json is what transformers runs, so it wins over the SentencePiece proto: the
+    Llama-2 style has a Prepend('▁') normalizer, newer ones a Metaspace pre-tokenizer with a
+    prepend scheme, and files saved by transformers v5 from a converted model may have neither.
+    """
+    tj = tok_dir / "tokenizer.json"
+    if not tj.is_file():
+        return proto_default
+    tokenizer = json.loads(tj.read_text(encoding="utf-8"))
+
+    def walk(node: dict | None, key: str) -> list[dict]:
+        if not node:
+            return []
+        return [x for child in node.get(key, []) for x in walk(child, key)] if node.get("type") == "Sequence" else [node]
+
+    for n in walk(tokenizer.get("normalizer"), "normalizers"):
+        if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
+            return True
+    for p in walk(tokenizer.get("pre_tokenizer"), "pretokenizers"):
+        if p.get("type") == "Metaspace":
+            return p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never") != "never"
+    return False
 
 
 # Pre-tokenizer regexes of tokenizer.json files -> llama.cpp's pre-tokenizer names.

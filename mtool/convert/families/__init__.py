@@ -8,12 +8,13 @@ from pathlib import Path
 from ...checkpoint import SUPPORTED_DTYPES, CheckpointReader
 from ...errors import MtoolError
 from ..canonical import CanonicalModel
-from . import llama
+from . import llama, mixtral
 
 # architectures entry -> adapter. Adding a family = one module + one line here.
 ADAPTERS: dict[str, Callable[[CheckpointReader], CanonicalModel]] = {
     "LlamaForCausalLM": llama.adapt,
     "MistralForCausalLM": llama.adapt,
+    "MixtralForCausalLM": mixtral.adapt,
 }
 
 
