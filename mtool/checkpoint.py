@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -229,69 +230,107 @@ def parse_size(text: str | int | None) -> int:
         raise MtoolError(f"cannot parse size {text!r}; use e.g. 500M or 5G") from None
 
 
+_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class TensorSource(Protocol):
+    """What the writer needs of a tensor: canonical LazyTensors satisfy it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor: ...
+
+
+def _nbytes(t: TensorSource) -> int:
+    n = t.dtype.itemsize
+    for d in t.shape:
+        n *= d
+    return n
+
+
+def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor: Callable[[int], None] | None = None) -> None:
+    """Write one safetensors file tensor by tensor.
+
+    Hand-written because `safetensors.save_file` needs every tensor of a shard in memory
+    at once; here shapes and dtypes are known up front, so the header (the published
+    layout: 8-byte little-endian length, JSON, padded to 8 bytes) is written first and the
+    data streams after it. Files are read back by the safetensors library in the tests.
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        n = _nbytes(t)
+        header[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for t in tensors:
+            data = t.load()
+            if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
+                raise MtoolError(f"tensor {t.name}: produced {list(data.shape)} {data.dtype}, planned {list(t.shape)} {t.dtype}")
+            fh.write(data.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            if on_tensor:
+                on_tensor(_nbytes(t))
+            del data
+
+
 def write_hf_checkpoint(
     out: Path,
     config: dict,
-    tensors: Iterator[tuple[str, torch.Tensor]],
+    tensors: list[TensorSource],
     *,
-    estimated_bytes: int,
     max_shard_bytes: int = 5 * 1000**3,
     copy_from: Path | None = None,
+    tokenizer_config: dict | None = None,
     force: bool = False,
     sources: tuple[Path, ...] = (),
+    progress: bool = False,
 ) -> Path:
     """Write an HF model directory: sharded safetensors + index, config, tokenizer files.
 
-    Tensors stream in one at a time; a shard is flushed when the next tensor would
-    overflow it. The directory appears under `out` only once complete.
+    Tensors stream one at a time (memory: one tensor); the directory appears under `out`
+    only once complete. `tokenizer_config` replaces the copied tokenizer_config.json.
     """
     import shutil
 
-    from safetensors.torch import save_file
-
     out = Path(out)
     check_output_path(out, force=force, sources=sources)
-    check_free_space(out.parent, estimated_bytes)
+    total = sum(_nbytes(t) for t in tensors)
+    check_free_space(out.parent, total)
+    shards: list[list[TensorSource]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + _nbytes(t) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += _nbytes(t)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing safetensors", leave=False)
     with staging_dir(out) as tmp:
-        shards: list[dict[str, torch.Tensor]] = []
-        current: dict[str, torch.Tensor] = {}
-        current_bytes = 0
-        weight_map: dict[str, str] = {}
-        shard_files: list[str] = []
-
-        def flush() -> None:
-            nonlocal current, current_bytes
-            if not current:
-                return
-            fname = f"part-{len(shard_files):05d}.safetensors"
-            save_file(current, str(tmp / fname), metadata={"format": "pt"})
-            shard_files.append(fname)
-            for k in current:
-                weight_map[k] = fname
-            current, current_bytes = {}, 0
-
-        total = 0
-        for name, t in tensors:
-            nb = t.numel() * t.element_size()
-            if current and current_bytes + nb > max_shard_bytes:
-                flush()
-            current[name] = t.contiguous()
-            current_bytes += nb
-            total += nb
-        flush()
-        del shards
-        n = len(shard_files)
-        if n == 1:
-            (tmp / shard_files[0]).rename(tmp / "model.safetensors")
-        else:
-            final_names = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(shard_files)}
-            for old, new in final_names.items():
-                (tmp / old).rename(tmp / new)
-            index = {"metadata": {"total_size": total}, "weight_map": {k: final_names[v] for k, v in weight_map.items()}}
+        for fname, shard in zip(names, shards):
+            write_safetensors_stream(tmp / fname, shard, bar.update if bar else None)
+        if bar:
+            bar.close()
+        if n > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {t.name: fname for fname, shard in zip(names, shards) for t in shard}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         if copy_from is not None:
             for fname in TOKENIZER_FILES:
                 if (Path(copy_from) / fname).is_file():
                     shutil.copy2(Path(copy_from) / fname, tmp / fname)
+        if tokenizer_config is not None:
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
         return commit_dir(tmp, out, force=force)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -68,7 +69,8 @@ def cli() -> None:
               type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
               help="GGUF tensor type. Norms and 1-D tensors stay f32; at 4/5 bits output.weight is q8_0.")
 @click.option("--split-max-size", default=None, metavar="SIZE",
-              help="Split the GGUF into shards of at most SIZE (e.g. 2G, 500M); llama.cpp loads the first shard.")
+              help="Shards of at most SIZE (e.g. 2G, 500M). GGUF: llama.cpp loads the first shard. "
+                   "HF: safetensors shard size (default 5G).")
 @click.option("--name", default=None, help="general.name written into the GGUF (default: source directory name).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -77,9 +79,15 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     """Convert the HF checkpoint SRC to OUT.
 
     \b
+    SRC is an HF model directory of a supported family (Llama, Mistral, Mixtral/Huozi,
+    TeleChat 7B/12B/52B). --to hf writes a plain LlamaForCausalLM/MixtralForCausalLM checkpoint
+    that loads without remote code (TeleChat is re-expressed exactly).
+
+    \b
     Examples:
       mtool convert ./SUS-Chat-34B -o sus-chat-34b-f16.gguf
       mtool convert ./Ziya2-13B-Chat -o ziya2-q8_0.gguf --outtype q8_0 --split-max-size 4G
+      mtool convert ./TeleChat-12B -o telechat-12b-llama --to hf
     """
     from .checkpoint import parse_size
     from .convert.families import load_canonical
@@ -87,16 +95,27 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     to = to or ("gguf" if out.suffix == ".gguf" else None)
     if to is None:
         raise MtoolError("cannot tell the output format: give --to, or an OUT ending in .gguf")
-    if to != "gguf":
-        raise MtoolError(f"--to {to} is not available in this version (GGUF only so far)")
+    if to in ("gptq", "awq"):
+        raise MtoolError(f"--to {to} is not available in this version (gguf and hf so far)")
+    model = load_canonical(src)
+    for note in model.notes:
+        click.echo(f"note: {note}", err=True)
+    if to == "hf":
+        from .convert.hf_export import export_hf
+
+        t0 = time.perf_counter()
+        path = export_hf(model, out, force=force, max_shard_bytes=parse_size(split_max_size) or 5 * 1000**3,
+                         progress=not quiet)
+        click.echo(f"wrote {model.config['architectures'][0]} checkpoint ({len(model.tensors)} tensors, "
+                   f"{model.total_bytes() / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s\n  {path}")
+        return
     if out.suffix != ".gguf":
         raise MtoolError(f"GGUF output {out} must end in .gguf")
     from .convert.gguf_export import export_gguf
 
-    model = load_canonical(src)
     res = export_gguf(model, out, outtype=outtype, split_max_size=parse_size(split_max_size), force=force,
                       name=name, progress=not quiet)
-    for note in res.notes:
+    for note in res.notes[len(model.notes):]:
         click.echo(f"note: {note}", err=True)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.type_counts.items()))
     mbps = res.bytes_in / 1e6 / res.seconds if res.seconds else 0.0

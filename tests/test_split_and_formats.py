@@ -71,8 +71,7 @@ def test_legacy_pytorch_bin_source(gqa_model, tmp_path):
 def test_hf_writer_round_trip(gqa_model, tmp_path):
     model = load_canonical(gqa_model)
     out = tmp_path / "copy"
-    write_hf_checkpoint(out, model.config, ((t.name, t.load()) for t in model.tensors),
-                        estimated_bytes=model.total_bytes(), max_shard_bytes=150_000, copy_from=gqa_model)
+    write_hf_checkpoint(out, model.config, model.tensors, max_shard_bytes=150_000, copy_from=gqa_model)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
     assert (out / "tokenizer.model").is_file()
@@ -81,4 +80,4 @@ def test_hf_writer_round_trip(gqa_model, tmp_path):
         assert ta.name == tb.name and torch.equal(ta.load(), tb.load())
     assert not [p for p in tmp_path.iterdir() if "mtool-tmp" in p.name]
     with pytest.raises(Exception, match="already exists"):
-        write_hf_checkpoint(out, model.config, iter(()), estimated_bytes=0)
+        write_hf_checkpoint(out, model.config, [])

@@ -24,6 +24,7 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    synthetic: bool = False  # all zeros, made to fit the canonical form (writers may omit it)
 
     @property
     def numel(self) -> int:
@@ -117,6 +118,11 @@ def normalize_llama_config(config: dict, where: str) -> dict:
             f"num_key_value_heads={cfg['num_key_value_heads']}"
         )
     return cfg
+
+
+def zeros(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> LazyTensor:
+    """A canonical tensor the source does not have (e.g. TeleChat's absent q/k/v biases)."""
+    return LazyTensor(name, shape, dtype, lambda: torch.zeros(shape, dtype=dtype), synthetic=True)
 
 
 def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:

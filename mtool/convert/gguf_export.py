@@ -89,6 +89,8 @@ def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTenso
     planned: list[PlannedTensor] = []
     stacks: dict[str, PlannedTensor] = {}
     for lt in model.tensors:
+        if lt.synthetic:
+            continue  # llama.cpp treats absent biases as zero
         m = _EXPERT.match(lt.name)
         if m:
             layer, expert, w = int(m.group(1)), int(m.group(2)), m.group(3)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +84,26 @@ def _tokenization_check(tok, text: str, cand_runner) -> dict:
     }
 
 
+@contextlib.contextmanager
+def canonical_reference(ref: Path) -> Iterator[Path]:
+    """The reference as a directory transformers loads without remote code.
+
+    Llama/Mistral/Mixtral directories are used as they are; other families (TeleChat) are
+    written to a temporary canonical HF checkpoint, which is removed afterwards (the model
+    is loaded into memory before that)."""
+    from ..convert.families import NATIVE, load_canonical
+
+    archs = set(json.loads((ref / "config.json").read_text()).get("architectures") or []) if (ref / "config.json").is_file() else set()
+    if archs & NATIVE or not archs:
+        yield ref
+        return
+    from ..convert.hf_export import export_hf
+
+    model = load_canonical(ref)
+    with tempfile.TemporaryDirectory(prefix="mtool-ref-") as tmp:
+        yield export_hf(model, Path(tmp) / "canonical", progress=False)
+
+
 def run_verify(
     ref: Path,
     cand: Path,
@@ -103,9 +126,10 @@ def run_verify(
     if not cand.exists():
         raise MtoolError(f"candidate {cand} does not exist")
     text = load_text(data)
-    ref_runner = HFRunner(ref, device)
+    with canonical_reference(ref) as ref_dir:
+        ref_runner = HFRunner(ref_dir, device)
+        tok = AutoTokenizer.from_pretrained(str(ref_dir))
     ctx = min(ctx, ref_runner.n_ctx)
-    tok = AutoTokenizer.from_pretrained(str(ref))
     ids = tok(text)["input_ids"]
     bos = tok.bos_token_id if (ids and tok.bos_token_id is not None and ids[0] == tok.bos_token_id) else None
     windows = token_windows(ids, ctx, max_windows, bos)

@@ -8,14 +8,19 @@ from pathlib import Path
 from ...checkpoint import SUPPORTED_DTYPES, CheckpointReader
 from ...errors import MtoolError
 from ..canonical import CanonicalModel
-from . import llama, mixtral
+from . import llama, mixtral, telechat
 
 # architectures entry -> adapter. Adding a family = one module + one line here.
 ADAPTERS: dict[str, Callable[[CheckpointReader], CanonicalModel]] = {
     "LlamaForCausalLM": llama.adapt,
     "MistralForCausalLM": llama.adapt,
     "MixtralForCausalLM": mixtral.adapt,
+    "TelechatForCausalLM": telechat.adapt_telechat,
+    "TELECHAT": telechat.adapt_telechat52b,
 }
+
+# Families transformers can load without remote code; others are verified through their canonical form.
+NATIVE = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"}
 
 
 def load_canonical(path: str | Path) -> CanonicalModel:
