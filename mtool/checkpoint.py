@@ -287,6 +287,7 @@ def write_hf_checkpoint(
     max_shard_bytes: int = 5 * 1000**3,
     copy_from: Path | None = None,
     tokenizer_config: dict | None = None,
+    generation_config: dict | None = None,
     force: bool = False,
     sources: tuple[Path, ...] = (),
     progress: bool = False,
@@ -294,7 +295,7 @@ def write_hf_checkpoint(
     """Write an HF model directory: sharded safetensors + index, config, tokenizer files.
 
     Tensors stream one at a time (memory: one tensor); the directory appears under `out`
-    only once complete. `tokenizer_config` replaces the copied tokenizer_config.json.
+    only once complete. `tokenizer_config` / `generation_config` replace the copied files.
     """
     import shutil
 
@@ -333,4 +334,6 @@ def write_hf_checkpoint(
                     shutil.copy2(Path(copy_from) / fname, tmp / fname)
         if tokenizer_config is not None:
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
         return commit_dir(tmp, out, force=force)

@@ -72,10 +72,12 @@ def cli() -> None:
               help="Shards of at most SIZE (e.g. 2G, 500M). GGUF: llama.cpp loads the first shard. "
                    "HF: safetensors shard size (default 5G).")
 @click.option("--name", default=None, help="general.name written into the GGUF (default: source directory name).")
+@click.option("--recipe", default=None, metavar="NAME|FILE",
+              help="Apply a release recipe (chat template, eos token): a built-in name (see `mtool recipes`) or a YAML file.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: str | None, name: str | None,
-            force: bool, quiet: bool) -> None:
+            recipe: str | None, force: bool, quiet: bool) -> None:
     """Convert the HF checkpoint SRC to OUT.
 
     \b
@@ -97,7 +99,12 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
         raise MtoolError("cannot tell the output format: give --to, or an OUT ending in .gguf")
     if to in ("gptq", "awq"):
         raise MtoolError(f"--to {to} is not available in this version (gguf and hf so far)")
+    from .recipes import load_recipe
+
+    rec = load_recipe(recipe) if recipe else None
     model = load_canonical(src)
+    if rec:
+        rec.check_family(model.family)
     for note in model.notes:
         click.echo(f"note: {note}", err=True)
     if to == "hf":
@@ -105,7 +112,7 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
 
         t0 = time.perf_counter()
         path = export_hf(model, out, force=force, max_shard_bytes=parse_size(split_max_size) or 5 * 1000**3,
-                         progress=not quiet)
+                         progress=not quiet, recipe=rec)
         click.echo(f"wrote {model.config['architectures'][0]} checkpoint ({len(model.tensors)} tensors, "
                    f"{model.total_bytes() / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s\n  {path}")
         return
@@ -114,7 +121,7 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     from .convert.gguf_export import export_gguf
 
     res = export_gguf(model, out, outtype=outtype, split_max_size=parse_size(split_max_size), force=force,
-                      name=name, progress=not quiet)
+                      name=name, progress=not quiet, recipe=rec)
     for note in res.notes[len(model.notes):]:
         click.echo(f"note: {note}", err=True)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.type_counts.items()))
@@ -179,6 +186,18 @@ def inspect(path: Path, as_json: bool) -> None:
 
     summary = inspect_path(path)
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary))
+
+
+@cli.command()
+def recipes() -> None:
+    """List the built-in release recipes (use one with `mtool convert --recipe NAME`)."""
+    from .recipes import builtin_names, load_recipe
+
+    for n in builtin_names():
+        r = load_recipe(n)
+        outs = ", ".join(a.get("outtype", a["to"]) for a in r.artifacts)
+        click.echo(f"{r.name:<16} {r.family:<9} {r.description}\n{'':<27}eos: {r.eos_token or '(tokenizer default)'}; "
+                   f"artifacts: {outs}")
 
 
 @cli.command()

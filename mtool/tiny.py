@@ -54,21 +54,27 @@ def _corpus_lines() -> list[str]:
     return [line for line in builtin_text().splitlines() if line.strip()]
 
 
-def train_spm_tokenizer(out: Path, vocab_size: int, *, added_special: tuple[str, ...] = ()) -> None:
-    """Train a Llama-style SentencePiece BPE model (byte fallback, identity normalization)."""
+def train_spm_tokenizer(out: Path, vocab_size: int, *, added_special: tuple[str, ...] = (),
+                        specials: dict[str, str] | None = None, user_symbols: tuple[str, ...] = ()) -> None:
+    """Train a Llama-style SentencePiece BPE model (byte fallback, identity normalization).
+
+    `specials` renames the unk/bos/eos pieces (e.g. TeleChat's <_start>/<_end>); `user_symbols`
+    become user-defined pieces right after them (as TeleChat's <_user>, <_bot>)."""
     import sentencepiece as spm
 
+    names = {**SPM_SPECIALS, **(specials or {})}
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus_lines() * 3), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
         add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, allow_whitespace_only_pieces=True,
-        num_threads=1, minloglevel=2, max_sentence_length=10000,
+        unk_piece=names["unk_token"], bos_piece=names["bos_token"], eos_piece=names["eos_token"],
+        user_defined_symbols=list(user_symbols), num_threads=1, minloglevel=2, max_sentence_length=10000,
     )
     (out / "tokenizer.model").write_bytes(buf.getvalue())
     cfg = {
-        "tokenizer_class": "LlamaTokenizer", **SPM_SPECIALS,
+        "tokenizer_class": "LlamaTokenizer", **names,
         "add_bos_token": True, "add_eos_token": False, "chat_template": DEMO_CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))

@@ -27,7 +27,9 @@ AUTO_MAP_52B = {"AutoConfig": "configuration_telechat.TelechatConfig",
 
 
 def _tokenizer(out: Path) -> None:
-    train_spm_tokenizer(out, VOCAB)
+    # TeleChat's pieces: <_start>=1, <_end>=2, chat markers right after them
+    train_spm_tokenizer(out, VOCAB, specials={"bos_token": "<_start>", "eos_token": "<_end>"},
+                        user_symbols=("<_pad>", "<_user>", "<_bot>", "<_system>"))
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     cfg["tokenizer_class"] = "TelechatTokenizer"
     cfg["auto_map"] = {"AutoTokenizer": ["tokenization_telechat.TelechatTokenizer", None]}

@@ -88,8 +88,9 @@ def test_52b_check_fails_without_mup(telechat, reference, tmp_path, monkeypatch)
 
 
 def test_verify_accepts_telechat_reference(telechat, tmp_path):
+    # f16: the untrained reference has near-tied logits, where q8_0 flips top-1 by chance
     out = tmp_path / "tc.gguf"
-    r = CliRunner().invoke(cli, ["convert", str(telechat["12b"]), "-o", str(out), "--outtype", "q8_0", "-q"])
+    r = CliRunner().invoke(cli, ["convert", str(telechat["12b"]), "-o", str(out), "--outtype", "f16", "-q"])
     assert r.exit_code == 0, r.output
     js = tmp_path / "v.json"
     r = CliRunner().invoke(cli, ["verify", str(telechat["12b"]), str(out), "--json", str(js), "--ctx", "128"])

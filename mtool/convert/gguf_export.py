@@ -23,7 +23,7 @@ from ..errors import MtoolError
 from ..outputs import check_free_space, check_output_path, commit_files, staging_dir
 from .canonical import CanonicalModel, LazyTensor, rope_settings
 from .gguf_types import F16_MAX, OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, scan_values, writer_shape_dtype
-from .gguf_vocab import build_vocab
+from .gguf_vocab import apply_recipe, build_vocab
 
 HEADER_ALLOWANCE = 64 * 2**20  # vocab + metadata + alignment, for the free-space check
 PREPARE_WORKERS = 2  # tensors encoded concurrently (each holds one tensor in memory)
@@ -191,6 +191,7 @@ def export_gguf(
     force: bool = False,
     name: str | None = None,
     progress: bool = True,
+    recipe=None,
 ) -> GGUFResult:
     """Write `model` as GGUF at `out` (or as split shards next to it)."""
     if outtype not in OUTTYPES:
@@ -201,6 +202,9 @@ def export_gguf(
     t0 = time.perf_counter()
     planned, notes = plan_tensors(model, outtype)
     vocab = build_vocab(model.tokenizer_dir, model.vocab_size)
+    if recipe is not None:
+        recipe.check_family(model.family)
+        apply_recipe(vocab, recipe)
     notes = model.notes + vocab.notes + notes
     total_out = sum(p.nbytes for p in planned)
     check_free_space(out.parent, total_out + HEADER_ALLOWANCE)

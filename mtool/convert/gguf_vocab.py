@@ -204,3 +204,22 @@ def build_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
     if (tok_dir / "tokenizer.json").is_file():
         return _bpe_vocab(tok_dir, vocab_size)
     raise MtoolError(f"{tok_dir} has no tokenizer.model or tokenizer.json; the GGUF needs a vocabulary")
+
+
+def token_id(tokens: list[bytes], token: str, what: str) -> int:
+    """Id of `token` in a GGUF token list, with an error naming who asked for it."""
+    raw = token.encode("utf-8")
+    for i, t in enumerate(tokens):
+        if t == raw:
+            return i
+    raise MtoolError(f"{what} names token {token!r}, which the tokenizer does not have")
+
+
+def apply_recipe(vocab: GGUFVocab, recipe) -> None:
+    """Recipe overrides: chat template and the token that ends generation."""
+    if recipe is None:
+        return
+    if recipe.chat_template:
+        vocab.special.chat_template = recipe.chat_template
+    if recipe.eos_token:
+        vocab.special.special_token_ids["eos"] = token_id(vocab.tokens, recipe.eos_token, f"recipe {recipe.name}")

@@ -60,11 +60,33 @@ def native_tokenizer_config(tok_dir: Path) -> dict | None:
     return tc
 
 
+def _apply_recipe(model: CanonicalModel, config: dict, tok_cfg: dict | None, recipe) -> tuple[dict | None, dict | None]:
+    """Recipe overrides for HF outputs: chat template in tokenizer_config, eos in generation_config."""
+    if recipe is None:
+        return tok_cfg, None
+    recipe.check_family(model.family)
+    if recipe.chat_template:
+        path = Path(model.tokenizer_dir) / "tokenizer_config.json"
+        if tok_cfg is None:
+            tok_cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        tok_cfg["chat_template"] = recipe.chat_template
+    gen = None
+    if recipe.eos_token:
+        from .gguf_vocab import build_vocab, token_id
+
+        eos = token_id(build_vocab(model.tokenizer_dir, model.vocab_size).tokens, recipe.eos_token, f"recipe {recipe.name}")
+        gpath = Path(model.tokenizer_dir) / "generation_config.json"
+        gen = json.loads(gpath.read_text(encoding="utf-8")) if gpath.is_file() else {"bos_token_id": config.get("bos_token_id")}
+        gen["eos_token_id"] = eos
+    return tok_cfg, gen
+
+
 def export_hf(model: CanonicalModel, out: Path, *, force: bool = False, max_shard_bytes: int = 5 * 1000**3,
-              progress: bool = True) -> Path:
+              progress: bool = True, recipe=None) -> Path:
     """Write `model` as a plain HF checkpoint directory at `out`."""
+    config = hf_config(model)
+    tok_cfg, gen_cfg = _apply_recipe(model, config, native_tokenizer_config(model.tokenizer_dir), recipe)
     return write_hf_checkpoint(
-        out, hf_config(model), model.tensors, max_shard_bytes=max_shard_bytes, copy_from=model.tokenizer_dir,
-        tokenizer_config=native_tokenizer_config(model.tokenizer_dir), force=force, sources=(model.source,),
-        progress=progress,
+        out, config, model.tensors, max_shard_bytes=max_shard_bytes, copy_from=model.tokenizer_dir,
+        tokenizer_config=tok_cfg, generation_config=gen_cfg, force=force, sources=(model.source,), progress=progress,
     )
