@@ -273,7 +273,8 @@ def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor:
             data = t.load()
             if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
                 raise MtoolError(f"tensor {t.name}: produced {list(data.shape)} {data.dtype}, planned {list(t.shape)} {t.dtype}")
-            fh.write(data.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            if data.numel():
+                fh.write(data.contiguous().view(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
             if on_tensor:
                 on_tensor(_nbytes(t))
             del data

@@ -131,3 +131,19 @@ def test_chat_tokens_are_control_tokens(mixtral_model, tmp_path):
     # plain text (no special tokens) tokenizes identically
     plain = builtin_text()
     assert llm.tokenize(plain.encode(), add_bos=True) == tok(plain)["input_ids"]
+
+
+def test_fused_source_to_hf_is_a_loadable_legacy_checkpoint(mixtral_model, reference, tmp_path):
+    from transformers import MixtralForCausalLM
+
+    from mtool.convert.hf_export import export_hf
+
+    fused = tmp_path / "fused"
+    _write_fused(mixtral_model, fused)
+    out = export_hf(load_canonical(fused), tmp_path / "hf", progress=False, max_shard_bytes=2_000_000)
+    assert len(list(out.glob("*.safetensors"))) >= 2
+    model = MixtralForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids, ref = reference
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double().numpy()
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
