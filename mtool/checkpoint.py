@@ -250,7 +250,8 @@ def _nbytes(t: TensorSource) -> int:
     return n
 
 
-def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor: Callable[[int], None] | None = None) -> None:
+def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor: Callable[[int], None] | None = None,
+                             metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file tensor by tensor.
 
     Hand-written because `safetensors.save_file` needs every tensor of a shard in memory
@@ -258,7 +259,7 @@ def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor:
     layout: 8-byte little-endian length, JSON, padded to 8 bytes) is written first and the
     data streams after it. Files are read back by the safetensors library in the tests.
     """
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for t in tensors:
         n = _nbytes(t)
@@ -292,6 +293,8 @@ def write_hf_checkpoint(
     force: bool = False,
     sources: tuple[Path, ...] = (),
     progress: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write an HF model directory: sharded safetensors + index, config, tokenizer files.
 
@@ -321,7 +324,7 @@ def write_hf_checkpoint(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing safetensors", leave=False)
     with staging_dir(out) as tmp:
         for fname, shard in zip(names, shards):
-            write_safetensors_stream(tmp / fname, shard, bar.update if bar else None)
+            write_safetensors_stream(tmp / fname, shard, bar.update if bar else None, metadata)
         if bar:
             bar.close()
         if n > 1:
@@ -337,4 +340,6 @@ def write_hf_checkpoint(
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
         return commit_dir(tmp, out, force=force)

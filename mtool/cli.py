@@ -189,6 +189,73 @@ def inspect(path: Path, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML merge config (models, weights, method, base, parameters, per-tensor filters).")
+@click.option("--method", type=click.Choice(["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"]),
+              default=None, help="Merge method (default linear).")
+@click.option("--weights", default=None, help="Comma-separated weights, one per source (default: equal).")
+@click.option("--base", type=click.Path(path_type=Path), default=None, help="Base model for task_arithmetic/ties/dare.")
+@click.option("--no-normalize", is_flag=True, default=None, help="Do not divide by the sum of the weights.")
+@click.option("--t", "t", type=float, default=None, help="slerp interpolation factor in [0, 1] (default 0.5).")
+@click.option("--density", type=float, default=None, help="ties/dare: fraction of each task vector kept (default 0.5).")
+@click.option("--lambda", "lam", type=float, default=None, help="Scale of the merged task vector (default 1.0).")
+@click.option("--seed", type=int, default=None, help="Seed of dare's random drop (default 0).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Output dtype (default: the sources' dtype). Merging always accumulates in float32.")
+@click.option("--tokenizer-source", type=click.Path(path_type=Path), default=None,
+              help="Take the tokenizer from this directory (required when the sources' tokenizers differ).")
+@click.option("--layout", type=click.Choice(["canonical", "original"]), default=None,
+              help="canonical: HF Llama/Mixtral names (any family; TeleChat becomes Llama). "
+                   "original: the sources' own tensor names and config (all sources must share them).")
+@click.option("--split-max-size", default=None, metavar="SIZE", help="safetensors shard size (default 5G).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def merge(sources: tuple[Path, ...], out: Path, config_file: Path | None, method: str | None, weights: str | None,
+          base: Path | None, no_normalize: bool | None, t: float | None, density: float | None, lam: float | None,
+          seed: int | None, dtype: str | None, tokenizer_source: Path | None, layout: str | None,
+          split_max_size: str | None, force: bool, quiet: bool) -> None:
+    """Merge checkpoints SOURCES... into OUT, tensor by tensor (memory: a few tensors).
+
+    Checks before any work that the sources share architecture, tensor names, shapes and
+    tokenizer (or --tokenizer-source), and that weights match the sources. The merge recipe is
+    recorded in OUT/README.md, OUT/mtool_merge.json and the safetensors metadata.
+
+    \b
+    Examples:
+      mtool merge ./ckpt-a ./ckpt-b ./ckpt-c -o ./merged --weights 0.5,0.3,0.2
+      mtool merge ./a ./b -o ./mid --method slerp --t 0.3
+      mtool merge ./sft ./math -o ./ties --method ties --base ./base --density 0.4
+      mtool merge -o ./release --config merge.yaml
+    """
+    from .checkpoint import parse_size
+    from .merge import MergeSpec, run_merge, spec_from_yaml
+
+    if config_file is not None:
+        if sources:
+            raise MtoolError("give the sources either on the command line or in --config, not both")
+        spec = spec_from_yaml(config_file)
+    else:
+        spec = MergeSpec(sources=list(sources))
+    if weights is not None:
+        try:
+            spec.weights = [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise MtoolError(f"--weights must be comma-separated numbers, got {weights!r}") from None
+    for attr, value in (("method", method), ("base", base), ("t", t), ("density", density), ("lam", lam),
+                        ("seed", seed), ("dtype", dtype), ("tokenizer_source", tokenizer_source), ("layout", layout)):
+        if value is not None:
+            setattr(spec, attr, value)
+    if no_normalize:
+        spec.normalize = False
+    t0 = time.perf_counter()
+    path = run_merge(spec, out, force=force, max_shard_bytes=parse_size(split_max_size) or 5 * 1000**3,
+                     progress=not quiet)
+    click.echo(f"merged {len(spec.sources)} models ({spec.method}) in {time.perf_counter() - t0:.1f} s\n  {path}")
+
+
+@cli.command()
 def recipes() -> None:
     """List the built-in release recipes (use one with `mtool convert --recipe NAME`)."""
     from .recipes import builtin_names, load_recipe

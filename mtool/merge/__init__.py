@@ -1,0 +1,227 @@
+"""`mtool merge`: streaming, checked merges of checkpoints (Huozi 3.5 was a linear merge of three).
+
+Tensor by tensor: each source's tensor is read, upcast to fp32, merged, cast to the output
+dtype and written; peak memory is one tensor per source plus the result, whatever the
+number or size of the models. Everything that can be checked is checked before any work:
+method and weights, architectures, every tensor name and shape, tokenizers, output path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..checkpoint import CheckpointReader, write_hf_checkpoint
+from ..convert.canonical import CanonicalModel, LazyTensor
+from ..convert.families import load_canonical
+from ..convert.hf_export import hf_config, native_tokenizer_config
+from ..errors import MtoolError
+from .methods import METHODS, NEEDS_BASE, merge_tensor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REMOTE_CODE_SUFFIX = ".py"
+
+
+@dataclass
+class MergeSpec:
+    """A merge, from CLI flags or a YAML config (same field names)."""
+
+    sources: list[Path]
+    method: str = "linear"
+    weights: list[float] | None = None
+    base: Path | None = None
+    normalize: bool = True
+    t: float = 0.5
+    density: float = 0.5
+    lam: float = 1.0
+    seed: int = 0
+    dtype: str | None = None
+    tokenizer_source: Path | None = None
+    layout: str = "canonical"  # canonical (HF Llama/Mixtral names) | original (sources' own names)
+    filters: list[dict] = field(default_factory=list)  # [{pattern, weights?, t?, density?}], first match wins
+
+    def as_recipe(self) -> dict:
+        d = asdict(self)
+        for k in ("sources", "base", "tokenizer_source"):
+            if d[k] is not None:
+                d[k] = [str(p) for p in d[k]] if isinstance(d[k], list) else str(d[k])
+        return d
+
+
+def spec_from_yaml(path: Path) -> MergeSpec:
+    """YAML form:  method, models: [{model, weight}], base, parameters: {normalize, t, density, lambda},
+    filters: [{pattern, weights, t, density}], dtype, seed, tokenizer_source, layout."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MtoolError(f"cannot read merge config {path}: {e}") from None
+    known = {"method", "models", "base", "parameters", "filters", "dtype", "seed", "tokenizer_source", "layout"}
+    if set(data) - known:
+        raise MtoolError(f"merge config {path}: unknown field {sorted(set(data) - known)[0]!r}")
+    models = data.get("models") or []
+    if not all(isinstance(m, dict) and "model" in m for m in models):
+        raise MtoolError(f"merge config {path}: 'models' must be a list of {{model: PATH, weight: W}}")
+    root = Path(path).parent
+    params = data.get("parameters") or {}
+    weights = [float(m["weight"]) for m in models] if all("weight" in m for m in models) else None
+    return MergeSpec(
+        sources=[(root / m["model"]).resolve() if not Path(m["model"]).is_absolute() else Path(m["model"]) for m in models],
+        method=data.get("method", "linear"), weights=weights,
+        base=(root / data["base"]).resolve() if data.get("base") else None,
+        normalize=bool(params.get("normalize", True)), t=float(params.get("t", 0.5)),
+        density=float(params.get("density", 0.5)), lam=float(params.get("lambda", 1.0)),
+        seed=int(data.get("seed", 0)), dtype=data.get("dtype"),
+        tokenizer_source=(root / data["tokenizer_source"]).resolve() if data.get("tokenizer_source") else None,
+        layout=data.get("layout", "canonical"), filters=list(data.get("filters") or []),
+    )
+
+
+def _tokenizer_fingerprint(d: Path) -> str | None:
+    """What the tokenizer maps text to: the SentencePiece model, or tokenizer.json's model + added tokens."""
+    if (d / "tokenizer.model").is_file():
+        return hashlib.sha256((d / "tokenizer.model").read_bytes()).hexdigest()
+    if (d / "tokenizer.json").is_file():
+        tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        key = json.dumps([tj.get("model"), tj.get("added_tokens"), tj.get("pre_tokenizer")], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()
+    return None
+
+
+@dataclass
+class _Source:
+    path: Path
+    tensors: dict[str, LazyTensor]
+    model: CanonicalModel | None
+    reader: CheckpointReader | None
+
+
+def _open(path: Path, layout: str) -> _Source:
+    if layout == "canonical":
+        m = load_canonical(path)
+        return _Source(path, {t.name: t for t in m.tensors}, m, None)
+    r = CheckpointReader(path)
+    return _Source(path, {i.name: LazyTensor(i.name, i.shape, i.dtype, lambda n=i.name, r=r: r.load(n))
+                          for i in r.iter_infos()}, None, r)
+
+
+def _check(spec: MergeSpec) -> None:
+    if spec.method not in METHODS:
+        raise MtoolError(f"unknown merge method {spec.method!r} (choose from {', '.join(METHODS)})")
+    if len(spec.sources) < 2:
+        raise MtoolError("merge needs at least two sources")
+    if spec.method == "slerp" and len(spec.sources) != 2:
+        raise MtoolError(f"slerp merges exactly two models, got {len(spec.sources)}")
+    if spec.method in NEEDS_BASE and spec.base is None:
+        raise MtoolError(f"method {spec.method} needs --base (the model the task vectors are taken from)")
+    if spec.weights is not None and len(spec.weights) != len(spec.sources):
+        raise MtoolError(f"{len(spec.weights)} weights given for {len(spec.sources)} sources")
+    if spec.weights is not None and spec.normalize and spec.method != "slerp" and sum(spec.weights) == 0:
+        raise MtoolError("weights sum to zero and cannot be normalized (use --no-normalize)")
+    if not 0.0 <= spec.t <= 1.0:
+        raise MtoolError(f"slerp t must be within [0, 1], got {spec.t}")
+    if not 0.0 < spec.density <= 1.0:
+        raise MtoolError(f"density must be within (0, 1], got {spec.density}")
+    if spec.layout not in ("canonical", "original"):
+        raise MtoolError(f"layout must be canonical or original, got {spec.layout!r}")
+    if spec.dtype is not None and spec.dtype not in DTYPES:
+        raise MtoolError(f"unknown dtype {spec.dtype!r} (choose from {', '.join(DTYPES)})")
+    for f in spec.filters:
+        if "pattern" not in f:
+            raise MtoolError("every filter needs a 'pattern' (a regular expression on tensor names)")
+        if "weights" in f and len(f["weights"]) != len(spec.sources):
+            raise MtoolError(f"filter {f['pattern']!r}: {len(f['weights'])} weights for {len(spec.sources)} sources")
+
+
+def _compare(sources: list[_Source], layout: str) -> None:
+    first = sources[0]
+    if layout == "canonical":
+        fam = {s.model.family for s in sources}
+        if len(fam) > 1:
+            raise MtoolError(f"sources are of different families: {', '.join(sorted(fam))}")
+    for s in sources[1:]:
+        for name, t in first.tensors.items():
+            if name not in s.tensors:
+                raise MtoolError(f"tensor {name} is in {first.path} but not in {s.path}")
+            if s.tensors[name].shape != t.shape:
+                raise MtoolError(f"tensor {name} has shape {list(t.shape)} in {first.path} "
+                                 f"but {list(s.tensors[name].shape)} in {s.path}")
+        extra = [n for n in s.tensors if n not in first.tensors]
+        if extra:
+            raise MtoolError(f"tensor {extra[0]} is in {s.path} but not in {first.path}")
+
+
+def plan_merge(spec: MergeSpec) -> tuple[list[LazyTensor], dict, Path, list[str]]:
+    """(merged lazy tensors, output config, tokenizer dir, notes), after every check."""
+    _check(spec)
+    paths = list(spec.sources) + ([spec.base] if spec.base is not None else [])
+    for p in paths:
+        if not Path(p).is_dir():
+            raise MtoolError(f"source {p} is not a model directory")
+    sources = [_open(Path(p), spec.layout) for p in spec.sources]
+    base = _open(Path(spec.base), spec.layout) if spec.base is not None else None
+    _compare(sources + ([base] if base else []), spec.layout)
+    notes: list[str] = []
+    tok_dir = Path(spec.tokenizer_source) if spec.tokenizer_source else (base or sources[0]).path
+    if spec.tokenizer_source is None:
+        prints = {s.path: _tokenizer_fingerprint(s.path) for s in sources + ([base] if base else [])}
+        if len(set(prints.values())) > 1:
+            a, b = list(prints)[0], next(p for p in prints if prints[p] != prints[list(prints)[0]])
+            raise MtoolError(f"tokenizers differ between {a} and {b}; pass --tokenizer-source to choose one")
+    weights = spec.weights or [1.0] * len(sources)
+    out_dtype = DTYPES[spec.dtype] if spec.dtype else None
+    compiled = [(re.compile(f["pattern"]), f) for f in spec.filters]
+    tensors = []
+    for index, (name, t0) in enumerate(sources[0].tensors.items()):
+        rule = next((f for rx, f in compiled if rx.search(name)), {})
+        w = [float(x) for x in rule.get("weights", weights)]
+        dtype = out_dtype or t0.dtype
+        if t0.synthetic and all(s.tensors[name].synthetic for s in sources):
+            tensors.append(LazyTensor(name, t0.shape, dtype, lambda t0=t0, dtype=dtype: t0.load().to(dtype), synthetic=True))
+            continue
+
+        def load(name=name, w=w, rule=rule, dtype=dtype, index=index) -> torch.Tensor:
+            xs = [s.tensors[name].load().to(torch.float32) for s in sources]
+            b = base.tensors[name].load().to(torch.float32) if base else None
+            gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
+            out = merge_tensor(spec.method, xs, b, w, normalize=spec.normalize, t=float(rule.get("t", spec.t)),
+                               density=float(rule.get("density", spec.density)), lam=spec.lam, gen=gen)
+            del xs, b
+            if not torch.isfinite(out).all():
+                raise MtoolError(f"merged tensor {name} has NaN or Inf values")
+            return out.to(dtype)
+
+        tensors.append(LazyTensor(name, t0.shape, dtype, load))
+    if spec.layout == "canonical":
+        config = hf_config(sources[0].model)
+        if out_dtype is not None:
+            config["dtype"] = spec.dtype
+    else:
+        config = dict(sources[0].reader.config)
+        if out_dtype is not None:
+            config["torch_dtype"] = spec.dtype
+    return tensors, config, tok_dir, notes
+
+
+def run_merge(spec: MergeSpec, out: Path, *, force: bool = False, max_shard_bytes: int = 5 * 1000**3,
+              progress: bool = True) -> Path:
+    """Plan (with all checks), then stream the merge into an HF checkpoint at `out`."""
+    tensors, config, tok_dir, _ = plan_merge(spec)
+    recipe = spec.as_recipe()
+    tok_cfg = native_tokenizer_config(tok_dir) if spec.layout == "canonical" else None
+    first = Path(spec.sources[0])
+    extra = {p.name: p.read_bytes() for p in first.glob(f"*{REMOTE_CODE_SUFFIX}")} if spec.layout == "original" else {}
+    readme = ("# Merged model\n\nMade with `mtool merge`. Recipe:\n\n```yaml\n"
+              + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True) + "```\n")
+    extra["README.md"] = readme.encode()
+    extra["mtool_merge.json"] = json.dumps(recipe, indent=2).encode()
+    return write_hf_checkpoint(
+        out, config, tensors, max_shard_bytes=max_shard_bytes, copy_from=tok_dir, tokenizer_config=tok_cfg,
+        force=force, sources=tuple(Path(p) for p in spec.sources) + ((Path(spec.base),) if spec.base else ()),
+        progress=progress, extra_files=extra, metadata={"mtool_merge": json.dumps(recipe)},
+    )
