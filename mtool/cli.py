@@ -255,6 +255,44 @@ def merge(sources: tuple[Path, ...], out: Path, config_file: Path | None, method
     click.echo(f"merged {len(spec.sources)} models ({spec.method}) in {time.perf_counter() - t0:.1f} s\n  {path}")
 
 
+@cli.command("extend-vocab")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--tokens", "tokens_file", type=click.Path(path_type=Path), default=None,
+              help="Text file with one new token per line (duplicates and existing tokens are reported and skipped).")
+@click.option("--sp-model", type=click.Path(path_type=Path), default=None,
+              help="Merge the normal pieces of this SentencePiece model (the Chinese-LLaMA way).")
+@click.option("--special", multiple=True, help="Add a special (control) token, e.g. a chat marker. Repeatable.")
+@click.option("--init", type=click.Choice(["subword-mean", "mean", "normal"]), default="subword-mean", show_default=True,
+              help="New rows: mean of the old rows of the pieces the old tokenizer splits the token into; "
+                   "the mean of all old rows; or normal noise around it.")
+@click.option("--pad-to-multiple-of", type=int, default=0, help="Round the vocabulary up with unused rows.")
+@click.option("--seed", type=int, default=0, help="Seed for --init normal.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def extend_vocab_cmd(src: Path, out: Path, tokens_file: Path | None, sp_model: Path | None, special: tuple[str, ...],
+                     init: str, pad_to_multiple_of: int, seed: int, force: bool, quiet: bool) -> None:
+    """Add tokens to SRC's tokenizer and grow its embeddings (and untied lm_head) into OUT.
+
+    SentencePiece tokenizers get the new tokens as normal pieces (plus the intermediate
+    pieces BPE needs to reach them); byte-level BPE tokenizer.json files get vocabulary
+    entries and merges. The model keeps every old row, so text without new tokens computes
+    exactly as before, and stays convertible to GGUF with all new tokens.
+
+    \b
+    Examples:
+      mtool extend-vocab ./Mixtral-8x7B -o ./mixtral-zh --tokens zh_words.txt --pad-to-multiple-of 64
+      mtool extend-vocab ./Mixtral-8x7B -o ./mixtral-zh --sp-model chinese_sp.model
+      mtool extend-vocab ./mixtral-zh -o ./mixtral-zh-chat --special '<|beginofutterance|>' --special '<|endofutterance|>'
+    """
+    from .vocab.extend import extend_vocab
+
+    report = extend_vocab(src, out, tokens_file=tokens_file, sp_model=sp_model, specials=special, init=init,
+                          pad_to_multiple_of=pad_to_multiple_of, seed=seed, force=force, progress=not quiet)
+    click.echo(report.summary())
+    click.echo(f"  {report.out}")
+
+
 @cli.command()
 def recipes() -> None:
     """List the built-in release recipes (use one with `mtool convert --recipe NAME`)."""
