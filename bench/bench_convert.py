@@ -32,7 +32,7 @@ LLAMA_CPP_PY_VERSION = "0.3.36"
 BASE = dict(hidden=1280, intermediate=3456, heads=20, kv_heads=4, vocab=32000)
 
 
-def make_model(path: Path, layers: int) -> int:
+def make_model(path: Path, layers: int, seed: int = 0) -> int:
     """Write a random bf16 Llama with `layers` layers in 3 safetensors shards; returns bytes."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -60,7 +60,7 @@ def make_model(path: Path, layers: int) -> int:
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
     names = list(shapes)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for k in range(3):
         part = names[k * len(names) // 3 : (k + 1) * len(names) // 3]
