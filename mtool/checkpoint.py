@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -267,11 +268,14 @@ def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor:
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
+    with open(path, "wb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
-        for t in tensors:
-            data = t.load()
+        # the next tensor is read (or computed: merges, transforms) while this one is written
+        pending = pool.submit(tensors[0].load) if tensors else None
+        for i, t in enumerate(tensors):
+            data = pending.result()
+            pending = pool.submit(tensors[i + 1].load) if i + 1 < len(tensors) else None
             if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
                 raise MtoolError(f"tensor {t.name}: produced {list(data.shape)} {data.dtype}, planned {list(t.shape)} {t.dtype}")
             if data.numel():

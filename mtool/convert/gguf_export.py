@@ -22,7 +22,8 @@ import torch
 from ..errors import MtoolError
 from ..outputs import check_free_space, check_output_path, commit_files, staging_dir
 from .canonical import CanonicalModel, LazyTensor, rope_settings
-from .gguf_types import F16_MAX, OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, scan_values, writer_shape_dtype
+from ..numerics import F16_MAX, scan_values
+from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
 from .gguf_vocab import apply_recipe, build_vocab
 
 HEADER_ALLOWANCE = 64 * 2**20  # vocab + metadata + alignment, for the free-space check

@@ -15,6 +15,8 @@ import gguf
 import numpy as np
 import torch
 
+from ..numerics import CHUNK_ELEMENTS
+
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 
@@ -82,9 +84,6 @@ def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...
     return gguf.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
 
 
-# Rows are encoded in chunks of about this many elements, so the f32 temporaries of a
-# quantizer stay a few MB whatever the tensor size (the embedding of a 150k vocab is 1 GB+).
-CHUNK_ELEMENTS = 1 << 20
 
 
 def _q8_0_torch(t: torch.Tensor) -> np.ndarray:
@@ -118,19 +117,3 @@ def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
     for r in range(0, rows.shape[0], step):
         out[r : r + step] = _encode_rows(rows[r : r + step], qtype).reshape(-1, out.shape[1])
     return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
-
-
-F16_MAX = 65504.0
-
-
-def scan_values(t: torch.Tensor) -> tuple[bool, float]:
-    """(all finite, max |value|) in one pass (aminmax propagates NaN), chunked so the
-    temporaries stay small."""
-    amax = 0.0
-    for chunk in t.reshape(-1).split(CHUNK_ELEMENTS):
-        lo, hi = torch.aminmax(chunk)
-        lo, hi = float(lo), float(hi)
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            return False, float("inf")
-        amax = max(amax, -lo, hi)
-    return True, amax

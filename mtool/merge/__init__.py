@@ -22,9 +22,12 @@ from ..convert.canonical import CanonicalModel, LazyTensor
 from ..convert.families import load_canonical
 from ..convert.hf_export import hf_config, native_tokenizer_config
 from ..errors import MtoolError
+from ..numerics import CHUNK_ELEMENTS, scan_values
 from .methods import METHODS, NEEDS_BASE, merge_tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# methods computed element by element, merged in row chunks of about this many elements
+ELEMENTWISE = {"linear", "task_arithmetic", "dare_linear"}
 REMOTE_CODE_SUFFIX = ".py"
 
 
@@ -185,16 +188,31 @@ def plan_merge(spec: MergeSpec) -> tuple[list[LazyTensor], dict, Path, list[str]
             tensors.append(LazyTensor(name, t0.shape, dtype, lambda t0=t0, dtype=dtype: t0.load().to(dtype), synthetic=True))
             continue
 
-        def load(name=name, w=w, rule=rule, dtype=dtype, index=index) -> torch.Tensor:
-            xs = [s.tensors[name].load().to(torch.float32) for s in sources]
-            b = base.tensors[name].load().to(torch.float32) if base else None
+        def load(name=name, w=w, rule=rule, dtype=dtype, index=index, shape=t0.shape) -> torch.Tensor:
+            xs = [s.tensors[name].load() for s in sources]  # kept in the sources' dtype
+            b = base.tensors[name].load() if base else None
             gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
-            out = merge_tensor(spec.method, xs, b, w, normalize=spec.normalize, t=float(rule.get("t", spec.t)),
-                               density=float(rule.get("density", spec.density)), lam=spec.lam, gen=gen)
+            kw = dict(normalize=spec.normalize, t=float(rule.get("t", spec.t)),
+                      density=float(rule.get("density", spec.density)), lam=spec.lam, gen=gen)
+            if spec.method in ELEMENTWISE:
+                # row chunks: only a few MB of float32 temporaries, whatever the tensor size
+                out = torch.empty(shape, dtype=dtype)
+                cols = shape[-1] if shape else 1
+                flat_out = out.view(-1, cols)
+                flat_in = [x.reshape(-1, cols) for x in xs]
+                flat_b = b.reshape(-1, cols) if b is not None else None
+                step = max(1, CHUNK_ELEMENTS // cols)
+                for r in range(0, flat_out.shape[0], step):
+                    part = merge_tensor(spec.method, [x[r : r + step].to(torch.float32) for x in flat_in],
+                                        flat_b[r : r + step].to(torch.float32) if flat_b is not None else None, w, **kw)
+                    flat_out[r : r + step] = part.to(dtype)
+            else:  # methods with per-tensor statistics (norms, magnitude ranks) see the whole tensor
+                out = merge_tensor(spec.method, [x.to(torch.float32) for x in xs],
+                                   b.to(torch.float32) if b is not None else None, w, **kw).to(dtype)
             del xs, b
-            if not torch.isfinite(out).all():
+            if not scan_values(out)[0]:
                 raise MtoolError(f"merged tensor {name} has NaN or Inf values")
-            return out.to(dtype)
+            return out
 
         tensors.append(LazyTensor(name, t0.shape, dtype, load))
     if spec.layout == "canonical":
