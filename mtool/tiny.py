@@ -137,7 +137,7 @@ def make_tiny_llama(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # RMSNorm weights start at 1; jitter them so a swapped norm is visible
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
     if spec.train_steps:

@@ -109,8 +109,8 @@ def _added_tokens(tok_dir: Path) -> dict[int, tuple[str, bool]]:
     return read(tok_dir)
 
 
-def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials: list[str], old_vocab: int,
-              pad_to: int, report: ExtendReport, work: Path) -> _Plan:
+def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials: list[str],
+              report: ExtendReport, work: Path) -> _Plan:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     raw = (src_tok / "tokenizer.model").read_bytes()
@@ -166,10 +166,8 @@ def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials:
         p.type = pb.ModelProto.SentencePiece.NORMAL
     n_new = len(proto.pieces)
     id_map = {i: i for i in range(n_pieces)}
-    splits = {existing_id: [] for existing_id in ()}
     new_ids = list(range(n_pieces, n_new))
-    for k, piece in enumerate(new_pieces):
-        splits[n_pieces + k] = splits_text[piece]
+    splits = {n_pieces + k: splits_text[piece] for k, piece in enumerate(new_pieces)}
     added_list = [(t, special) for _, (t, special) in sorted(added_old.items())]
     for j, old_id in enumerate(sorted(added_old)):
         id_map[old_id] = n_new + j
@@ -234,6 +232,7 @@ def _plan_bpe(src_tok: Path, tokens: list[str], specials: list[str], old_vocab: 
     if model.get("type") != "BPE":
         raise MtoolError(f"{src_tok}/tokenizer.json: only BPE tokenizers can be extended")
     byte_enc = bytes_to_unicode()
+    byte_dec = {v: k for k, v in byte_enc.items()}
     old = Tokenizer.from_file(str(src_tok / "tokenizer.json"))
     vocab: dict[str, int] = model["vocab"]
     added_texts = {t["content"] for t in tj.get("added_tokens", [])}
@@ -248,18 +247,19 @@ def _plan_bpe(src_tok: Path, tokens: list[str], specials: list[str], old_vocab: 
             report.existing.append(tok)
             continue
         old_ids = old.encode(tok, add_special_tokens=False).ids
-        parts = [old.id_to_token(i) for i in old_ids]
-        acc = parts[0]
-        for part in parts[1:]:
-            merged = acc + part
+        acc, acc_ids = old.id_to_token(old_ids[0]), old_ids[:1]
+        for i in old_ids[1:]:
+            part = old.id_to_token(i)
+            merged, acc_ids = acc + part, acc_ids + [i]
             merges.append([acc, part] if pair_style else f"{acc} {part}")
             if merged not in vocab:
                 vocab[merged] = next_id
-                splits[next_id] = old.encode(bytes(_decode_bytes(merged, byte_enc)).decode("utf-8", "replace"),
-                                             add_special_tokens=False).ids if merged != enc else old_ids
+                splits[next_id] = list(acc_ids)  # the old pieces this (partial) token is made of
                 new_ids.append(next_id)
-                (report.added if merged == enc else report.intermediate).append(
-                    tok if merged == enc else bytes(_decode_bytes(merged, byte_enc)).decode("utf-8", "replace"))
+                if merged == enc:
+                    report.added.append(tok)
+                else:
+                    report.intermediate.append(bytes(byte_dec[c] for c in merged).decode("utf-8", "replace"))
                 next_id += 1
             acc = merged
     for s in specials:
@@ -283,11 +283,6 @@ def _plan_bpe(src_tok: Path, tokens: list[str], specials: list[str], old_vocab: 
             dec.setdefault(str(t["id"]), {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")})
         (work / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
     return _Plan(work, {i: i for i in range(old_vocab)}, next_id, splits, new_ids)
-
-
-def _decode_bytes(text: str, byte_enc: dict[int, str]) -> list[int]:
-    dec = {v: k for k, v in byte_enc.items()}
-    return [dec[c] for c in text]
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -334,8 +329,7 @@ def extend_vocab(src: Path, out: Path, *, tokens_file: Path | None = None, sp_mo
     with tempfile.TemporaryDirectory(prefix="mtool-vocab-") as tmp:
         work = Path(tmp) / "tok"
         if (model.tokenizer_dir / "tokenizer.model").is_file():
-            plan = _plan_spm(model.tokenizer_dir, tokens, sp_model, list(specials), model.vocab_size,
-                             pad_to_multiple_of, report, work)
+            plan = _plan_spm(model.tokenizer_dir, tokens, sp_model, list(specials), report, work)
         elif (model.tokenizer_dir / "tokenizer.json").is_file():
             if sp_model is not None:
                 raise MtoolError("--sp-model needs a SentencePiece source tokenizer (tokenizer.model)")

@@ -93,10 +93,10 @@ def adapt_telechat(reader: CheckpointReader) -> CanonicalModel:
             f"{c}.mlp.down_proj.bias": f"{s}.mlp.down_proj.bias",
         })
     expected = llama.canonical_shapes(cfg) | llama.bias_shapes(cfg)
-    found = {c: reader.info(s).shape for c, s in src_names.items() if s in reader}
-    for c, s in src_names.items():
-        if s not in reader:
-            raise MtoolError(f"{where}: tensor {s} is missing")
+    missing = [s for s in src_names.values() if s not in reader]
+    if missing:
+        raise MtoolError(f"{where}: tensor {missing[0]} is missing")
+    found = {c: reader.info(s).shape for c, s in src_names.items()}
     check_shapes(found, {c: expected[c] for c in src_names}, where)
 
     tensors: dict[str, LazyTensor] = {
