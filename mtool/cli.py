@@ -74,22 +74,37 @@ def cli() -> None:
 @click.option("--name", default=None, help="general.name written into the GGUF (default: source directory name).")
 @click.option("--recipe", default=None, metavar="NAME|FILE",
               help="Apply a release recipe (chat template, eos token): a built-in name (see `mtool recipes`) or a YAML file.")
+@click.option("--bits", type=int, default=4, show_default=True, help="GPTQ: 2, 3, 4 or 8; AWQ: 4.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="GPTQ: -1, 32, 64, 128; AWQ: 32, 64, 128.")
+@click.option("--sym/--asym", default=True, show_default=True, help="GPTQ grid (AWQ is always asymmetric).")
+@click.option("--desc-act", is_flag=True, help="GPTQ act-order: quantize columns by descending Hessian diagonal.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (x mean diag H; raised on Cholesky failure).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (.txt, or .jsonl with 'text'). Default: the built-in English/Chinese sample.")
+@click.option("--nsamples", type=int, default=16, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where GPTQ/AWQ run (cuda when available with auto).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: str | None, name: str | None,
-            recipe: str | None, force: bool, quiet: bool) -> None:
+            recipe: str | None, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
+            calib: Path | None, nsamples: int, seqlen: int, device: str, force: bool, quiet: bool) -> None:
     """Convert the HF checkpoint SRC to OUT.
 
     \b
     SRC is an HF model directory of a supported family (Llama, Mistral, Mixtral/Huozi,
     TeleChat 7B/12B/52B). --to hf writes a plain LlamaForCausalLM/MixtralForCausalLM checkpoint
-    that loads without remote code (TeleChat is re-expressed exactly).
+    that loads without remote code (TeleChat is re-expressed exactly). --to gptq|awq quantizes
+    layer by layer on calibration text into the GPTQ v1 / AWQ GEMM checkpoint formats.
 
     \b
     Examples:
       mtool convert ./SUS-Chat-34B -o sus-chat-34b-f16.gguf
       mtool convert ./Ziya2-13B-Chat -o ziya2-q8_0.gguf --outtype q8_0 --split-max-size 4G
       mtool convert ./TeleChat-12B -o telechat-12b-llama --to hf
+      mtool convert ./Yi-34B -o yi-34b-gptq --to gptq --bits 4 --group-size 128 --calib wiki.txt --nsamples 128 --seqlen 512
+      mtool convert ./Yi-34B -o yi-34b-awq --to awq --calib wiki.txt
     """
     from .checkpoint import parse_size
     from .convert.families import load_canonical
@@ -97,8 +112,6 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     to = to or ("gguf" if out.suffix == ".gguf" else None)
     if to is None:
         raise MtoolError("cannot tell the output format: give --to, or an OUT ending in .gguf")
-    if to in ("gptq", "awq"):
-        raise MtoolError(f"--to {to} is not available in this version (gguf and hf so far)")
     from .recipes import load_recipe
 
     rec = load_recipe(recipe) if recipe else None
@@ -107,6 +120,10 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
         rec.check_family(model.family)
     for note in model.notes:
         click.echo(f"note: {note}", err=True)
+    if to in ("gptq", "awq"):
+        _quantize(model, out, to, bits, group_size, sym if to == "gptq" else False, desc_act, damp, calib, nsamples,
+                  seqlen, device, force, quiet)
+        return
     if to == "hf":
         from .convert.hf_export import export_hf
 
@@ -130,6 +147,40 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
                f"in {res.seconds:.1f} s ({mbps:.0f} MB/s in)")
     for f in res.files:
         click.echo(f"  {f}")
+
+
+def _quantize(model, out: Path, method: str, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
+              calib: Path | None, nsamples: int, seqlen: int, device: str, force: bool, quiet: bool) -> None:
+    from .quantize.engine import QuantSettings
+    from .quantize.export import export_quantized
+    from .verify.runners import resolve_device
+
+    settings = QuantSettings(method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=damp,
+                             device=resolve_device(device))
+    bar = None
+
+    def on_layer(rep) -> None:
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:  # created once work has started: input errors come without a bar
+            from tqdm import tqdm
+
+            bar = tqdm(total=model.n_layers, desc=f"{method} layers", unit="layer", leave=False, initial=rep.index)
+        bar.update(1)
+        bar.set_postfix(err=f"{max(rep.errors.values()):.2e}")
+
+    rep = export_quantized(model, out, settings, calib=calib, nsamples=nsamples, seqlen=seqlen, force=force,
+                           progress=False, on_layer=on_layer)
+    if bar:
+        bar.close()
+    click.echo(f"{method} {bits}-bit g{group_size}: {len(rep.layers)} layers on {settings.device} in {rep.seconds:.1f} s "
+               f"({nsamples} x {seqlen} calibration tokens)")
+    click.echo(f"{'layer':>5} {'seconds':>8}  relative output error per linear (max / mean)")
+    for lr in rep.layers:
+        errs = list(lr.errors.values())
+        click.echo(f"{lr.index:>5} {lr.seconds:>8.2f}  {max(errs):.3e} / {sum(errs) / len(errs):.3e}")
+    click.echo(f"  {rep.out}")
 
 
 @cli.command()

@@ -67,7 +67,8 @@ def _artifact_type(cand: Path) -> str:
         ft = gguf_metadata(cand).get("general.file_type")
         return FILE_TYPE_NAMES.get(ft, f"gguf-ftype-{ft}")
     cfg = json.loads((cand / "config.json").read_text()) if (cand / "config.json").is_file() else {}
-    return "f32" if not cfg.get("quantization_config") else cfg["quantization_config"].get("quant_method", "quantized")
+    q = cfg.get("quantization_config")
+    return "f32" if not q else f"{q.get('quant_method', 'quantized')}-{q.get('bits', '?')}bit"
 
 
 def _tokenization_check(tok, text: str, cand_runner) -> dict:

@@ -106,5 +106,9 @@ def open_candidate(path: Path, *, n_ctx: int, device: str, threads: int | None):
     if is_gguf(path):
         return LlamaCppRunner(path, n_ctx, threads)
     if path.is_dir():
+        from .quantized import QuantizedRunner, quantization_config
+
+        if quantization_config(path):
+            return QuantizedRunner(path, device)
         return HFRunner(path, device)
     raise MtoolError(f"candidate {path} is neither a .gguf file nor a model directory")

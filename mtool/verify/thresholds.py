@@ -30,6 +30,12 @@ DEFAULTS: dict[str, Thresholds] = {
     "q5_1": Thresholds(max_kld=5e-2, min_top1=0.90, max_ppl_ratio=1.05),
     "q4_0": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
     "q4_1": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
+    # calibrated HF-format checkpoints, by bits (GPTQ paper: 4-bit LLaMA-7B PPL +7 %; 3/2 bits far more)
+    "gptq-8bit": Thresholds(max_kld=1e-2, min_top1=0.95, max_ppl_ratio=1.02),
+    "gptq-4bit": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
+    "awq-4bit": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
+    "gptq-3bit": Thresholds(max_kld=3e-1, min_top1=0.70, max_ppl_ratio=1.30),
+    "gptq-2bit": Thresholds(max_kld=1.0, min_top1=0.50, max_ppl_ratio=2.50),
 }
 
 # llama.cpp file-type ids (general.file_type) -> our type names

@@ -210,9 +210,9 @@ def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials:
 def _adds_bos_eos(tok_dir: Path) -> tuple[bool, bool]:
     """Whether the source HF tokenizer adds BOS / EOS, observed (configs saved by different
     transformers versions keep this in different places, or only in tokenizer.json)."""
-    from transformers import AutoTokenizer
+    from ..tokenizer import open_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = open_tokenizer(tok_dir)
     ids = tok("a")["input_ids"]
     bos = tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
     eos = tok.eos_token_id is not None and bool(ids) and ids[-1] == tok.eos_token_id
