@@ -85,11 +85,14 @@ def cli() -> None:
 @click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where GPTQ/AWQ run (cuda when available with auto).")
+@click.option("--expert-naming", type=click.Choice(["legacy", "gptqmodel"]), default="legacy", show_default=True,
+              help="MoE expert tensor names: the source's legacy w1/w2/w3 (vLLM), or mlp.experts.E.*_proj (GPTQModel).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: str | None, name: str | None,
             recipe: str | None, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
-            calib: Path | None, nsamples: int, seqlen: int, device: str, force: bool, quiet: bool) -> None:
+            calib: Path | None, nsamples: int, seqlen: int, device: str, expert_naming: str, force: bool,
+            quiet: bool) -> None:
     """Convert the HF checkpoint SRC to OUT.
 
     \b
@@ -121,8 +124,9 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     for note in model.notes:
         click.echo(f"note: {note}", err=True)
     if to in ("gptq", "awq"):
-        _quantize(model, out, to, bits, group_size, sym if to == "gptq" else False, desc_act, damp, calib, nsamples,
-                  seqlen, device, force, quiet)
+        _quantize(model, out, to, bits=bits, group_size=group_size, sym=sym if to == "gptq" else False,
+                  desc_act=desc_act, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
+                  expert_naming=expert_naming, force=force, quiet=quiet)
         return
     if to == "hf":
         from .convert.hf_export import export_hf
@@ -149,8 +153,9 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
         click.echo(f"  {f}")
 
 
-def _quantize(model, out: Path, method: str, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
-              calib: Path | None, nsamples: int, seqlen: int, device: str, force: bool, quiet: bool) -> None:
+def _quantize(model, out: Path, method: str, *, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
+              calib: Path | None, nsamples: int, seqlen: int, device: str, expert_naming: str, force: bool,
+              quiet: bool) -> None:
     from .quantize.engine import QuantSettings
     from .quantize.export import export_quantized
     from .verify.runners import resolve_device
@@ -171,7 +176,7 @@ def _quantize(model, out: Path, method: str, bits: int, group_size: int, sym: bo
         bar.set_postfix(err=f"{max(rep.errors.values()):.2e}")
 
     rep = export_quantized(model, out, settings, calib=calib, nsamples=nsamples, seqlen=seqlen, force=force,
-                           progress=False, on_layer=on_layer)
+                           progress=False, on_layer=on_layer, expert_naming=expert_naming)
     if bar:
         bar.close()
     click.echo(f"{method} {bits}-bit g{group_size}: {len(rep.layers)} layers on {settings.device} in {rep.seconds:.1f} s "
@@ -179,7 +184,10 @@ def _quantize(model, out: Path, method: str, bits: int, group_size: int, sym: bo
     click.echo(f"{'layer':>5} {'seconds':>8}  relative output error per linear (max / mean)")
     for lr in rep.layers:
         errs = list(lr.errors.values())
-        click.echo(f"{lr.index:>5} {lr.seconds:>8.2f}  {max(errs):.3e} / {sum(errs) / len(errs):.3e}")
+        experts = f"  routed tokens per expert: {lr.expert_tokens}" if lr.expert_tokens else ""
+        click.echo(f"{lr.index:>5} {lr.seconds:>8.2f}  {max(errs):.3e} / {sum(errs) / len(errs):.3e}{experts}")
+    if any(lr.expert_tokens for lr in rep.layers):
+        click.echo("  (statistics: every calibration token visits every expert; the router stays unquantized)")
     click.echo(f"  {rep.out}")
 
 

@@ -210,11 +210,6 @@ def test_bad_quantization_input(trained, tmp_path):
         assert not out.exists()
 
 
-def test_moe_quantization_is_refused_clearly(mixtral_model, tmp_path):
-    r = CliRunner().invoke(cli, ["convert", str(mixtral_model), "-o", str(tmp_path / "q"), "--to", "gptq", "-q"])
-    assert r.exit_code == 2 and "MoE" in r.stderr
-
-
 def test_gptqmodel_loader_matches_our_dequantizer(trained, tmp_path):
     gptqmodel = pytest.importorskip("gptqmodel")  # optional extra; the tests above do not depend on it
     out = tmp_path / "g4"
@@ -223,3 +218,39 @@ def test_gptqmodel_loader_matches_our_dequantizer(trained, tmp_path):
     ours = QuantizedRunner(out, "cpu").model(ids).logits
     theirs = gptqmodel.GPTQModel.load(str(out), device="cpu")(ids).logits
     torch.testing.assert_close(theirs.float(), ours.float(), rtol=1e-2, atol=1e-2)
+
+
+# The fixture Mixtral is trained for 30 steps only: its predictions are soft, and many positions have
+# near-tied top logits that flip under 4-bit noise while the distributions barely move. For it, mean
+# KLD and the PPL ratio keep the 4-bit defaults; top-1 agreement is checked at 70 % instead of 85 %.
+MOE_THRESHOLDS = ["--max-kld", "0.1", "--max-ppl-ratio", "1.1", "--min-top1", "0.70"]
+
+
+@pytest.mark.parametrize("method,naming", [("gptq", "legacy"), ("awq", "legacy"), ("gptq", "gptqmodel")])
+def test_moe_every_expert_quantized_router_kept(method, naming, mixtral_model, tmp_path):
+    from mtool.quantize.export import export_quantized as run
+
+    out = tmp_path / f"moe-{method}"
+    reports = []
+    s = QuantSettings(method, bits=4, group_size=128, sym=method == "gptq")
+    run(load_canonical(mixtral_model), out, s, nsamples=16, seqlen=128, progress=False,
+        on_layer=reports.append, expert_naming=naming)
+    for rep in reports:
+        assert rep.stat_tokens == 16 * 128  # every calibration token visited every expert
+        assert len(rep.expert_tokens) == 8 and sum(rep.expert_tokens) == 2 * 16 * 128  # top-2 routing
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for i in range(2):
+            for e in range(8):
+                for w, fused in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+                    name = (f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}" if naming == "legacy"
+                            else f"model.layers.{i}.mlp.experts.{e}.{fused}")
+                    assert f"{name}.qweight" in keys and f"{name}.weight" not in keys
+            router = f"model.layers.{i}.block_sparse_moe.gate" if naming == "legacy" else f"model.layers.{i}.mlp.gate"
+            assert f.get_slice(f"{router}.weight").get_dtype() == "F16" and f"{router}.qweight" not in keys
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["MixtralForCausalLM"]
+    if method == "awq":
+        assert cfg["quantization_config"]["modules_to_not_convert"] == ["gate"]
+    r = CliRunner().invoke(cli, ["verify", str(mixtral_model), str(out), "--ctx", "128", *MOE_THRESHOLDS])
+    assert r.exit_code == 0, r.output

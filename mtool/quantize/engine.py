@@ -47,18 +47,26 @@ class LayerReport:
     index: int
     seconds: float
     errors: dict[str, float] = field(default_factory=dict)  # relative output error per linear
+    expert_tokens: list[int] | None = None  # MoE: calibration tokens the router sent to each expert
+    stat_tokens: int | None = None  # MoE: tokens in every expert's statistics (all of them)
+
+
+def is_moe(model: CanonicalModel) -> bool:
+    return bool(model.config.get("num_local_experts"))
 
 
 def hf_config_object(model: CanonicalModel):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MixtralConfig
 
     from ..convert.hf_export import hf_config
 
-    if model.config.get("num_local_experts"):
-        raise MtoolError("GPTQ/AWQ of MoE (Mixtral) models is not available yet")
-    cfg = LlamaConfig.from_dict(hf_config(model))
+    cfg = (MixtralConfig if is_moe(model) else LlamaConfig).from_dict(hf_config(model))
     cfg._attn_implementation = "sdpa"  # causal without an explicit mask
     return cfg
+
+
+def expert_linears(n_experts: int) -> tuple[str, ...]:
+    return tuple(f"block_sparse_moe.experts.{e}.{w}" for e in range(n_experts) for w in ("w1", "w3", "w2"))
 
 
 class LayerRunner:
@@ -67,7 +75,7 @@ class LayerRunner:
     def __init__(self, model: CanonicalModel, ids: torch.Tensor, settings: QuantSettings):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        self.model, self.s = model, settings
+        self.model, self.s, self.moe = model, settings, is_moe(model)
         self.config = hf_config_object(model)
         self.by_name = {t.name: t for t in model.tensors}
         dev = settings.device
@@ -80,10 +88,18 @@ class LayerRunner:
 
     def layer(self, i: int):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
-        layer = LlamaDecoderLayer(self.config, i)
+        layer = (MixtralDecoderLayer if self.moe else LlamaDecoderLayer)(self.config, i)
         prefix = f"model.layers.{i}."
         sd = {n[len(prefix):]: t.load().to(torch.float32) for n, t in self.by_name.items() if n.startswith(prefix)}
+        if self.moe:  # canonical per-expert tensors -> the fused parameters of transformers' module
+            e_n = self.config.num_local_experts
+            p = "block_sparse_moe.experts"
+            sd["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{p}.{e}.w1.weight"), sd.pop(f"{p}.{e}.w3.weight")])
+                                                          for e in range(e_n)])
+            sd["mlp.experts.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.w2.weight") for e in range(e_n)])
+            sd["mlp.gate.weight"] = sd.pop("block_sparse_moe.gate.weight")
         missing, unexpected = layer.load_state_dict(sd, strict=False)
         if unexpected or [m for m in missing if not m.endswith(".bias")]:
             raise MtoolError(f"layer {i}: weights do not fit LlamaDecoderLayer (missing {missing}, unexpected {unexpected})")
@@ -116,18 +132,84 @@ def _rel_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", d, h, d) / torch.einsum("oi,ij,oj->", w.to(h.dtype), h, w.to(h.dtype)).clamp(min=1e-20))
 
 
+class ExpertWeights:
+    """Read/write one expert's w1 / w3 / w2 inside transformers' fused MoE parameters."""
+
+    def __init__(self, layer, n_ff: int):
+        self.gate_up, self.down, self.f = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj, n_ff
+
+    def get(self, e: int, w: str) -> torch.Tensor:
+        return {"w1": self.gate_up.data[e, : self.f], "w3": self.gate_up.data[e, self.f :], "w2": self.down.data[e]}[w]
+
+    def set(self, e: int, w: str, value: torch.Tensor) -> None:
+        self.get(e, w).copy_(value)
+
+
+def _moe_inputs(runner: LayerRunner, layer, x: torch.Tensor) -> torch.Tensor:
+    feats: list[torch.Tensor] = []
+    runner.capture(layer, ("mlp",), x, lambda n, inp: feats.append(inp.detach().reshape(-1, inp.shape[-1])))
+    return torch.cat(feats)
+
+
+def routed_counts(layer, xs: torch.Tensor, top_k: int) -> list[int]:
+    """How many calibration tokens the router sends to each expert (for the report)."""
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(xs, layer.mlp.gate.weight)
+        idx = torch.topk(logits.softmax(-1), top_k, dim=-1).indices
+        return torch.bincount(idx.flatten(), minlength=logits.shape[-1]).tolist()
+
+
+def _expert_mid(xs: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, act, chunk: int = 4096):
+    for t in range(0, xs.shape[0], chunk):
+        part = xs[t : t + chunk]
+        yield act(part @ w1.t()) * (part @ w3.t())
+
+
+def quantize_moe_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings, results: dict, errors: dict) -> list[int]:
+    """Every calibration token visits every expert: w1/w3 share the Hessian of all tokens, and each
+    w2 sees its expert's activations for all tokens; the router stays unquantized."""
+    xs = _moe_inputs(runner, layer, x)
+    counts = routed_counts(layer, xs, runner.config.num_experts_per_tok)
+    runner.stat_tokens = xs.shape[0]
+    h_in = Hessian(xs.shape[1], s.device)
+    h_in.add(xs)
+    ew = ExpertWeights(layer, runner.config.intermediate_size)
+    act = layer.mlp.experts.act_fn
+    for e in range(runner.config.num_local_experts):
+        for w in ("w1", "w3"):
+            r = _gptq_or_rtn(ew.get(e, w).clone(), h_in, s)
+            errors[f"block_sparse_moe.experts.{e}.{w}"] = _rel_error(ew.get(e, w).cpu(), r.dequant, h_in.h.cpu())
+            ew.set(e, w, r.dequant.to(s.device))
+            results[f"block_sparse_moe.experts.{e}.{w}"] = r
+        h_mid = Hessian(runner.config.intermediate_size, s.device)
+        for mid in _expert_mid(xs, ew.get(e, "w1"), ew.get(e, "w3"), act):
+            h_mid.add(mid)
+        r = _gptq_or_rtn(ew.get(e, "w2").clone(), h_mid, s)
+        errors[f"block_sparse_moe.experts.{e}.w2"] = _rel_error(ew.get(e, "w2").cpu(), r.dequant, h_mid.h.cpu())
+        ew.set(e, "w2", r.dequant.to(s.device))
+        results[f"block_sparse_moe.experts.{e}.w2"] = r
+    return counts
+
+
+def _gptq_or_rtn(w: torch.Tensor, h: Hessian, s: QuantSettings):
+    if s.method == "rtn":
+        return rtn(w.cpu(), s.bits, s.group_size, s.sym)
+    return gptq(w.cpu(), _cpu(h), s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)[0]
+
+
 def quantize_layer_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings) -> tuple[dict, dict]:
     results, errors = {}, {}
     mods = dict(layer.named_modules())
     for group in GROUPS:
+        if runner.moe and group[0].startswith("mlp."):
+            if group == GROUPS[2]:
+                runner.expert_tokens = quantize_moe_gptq(runner, layer, x, s, results, errors)
+            continue
         hs = {n: Hessian(mods[n].in_features, s.device) for n in group}
         runner.capture(layer, group, x, lambda n, inp: hs[n].add(inp))
         for n in group:
             w = mods[n].weight.data.clone()
-            if s.method == "rtn":
-                r = rtn(w.cpu(), s.bits, s.group_size, s.sym)
-            else:
-                r, _ = gptq(w.cpu(), _cpu(hs[n]), s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)
+            r = _gptq_or_rtn(w, hs[n], s)
             errors[n] = _rel_error(w.cpu(), r.dequant, hs[n].h.cpu())
             _set_weight(layer, n, r.dequant.to(s.device))
             results[n] = r
@@ -154,28 +236,37 @@ def _awq_fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _search_scale(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, linears: list, bits: int,
+def _search_scale(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weights: list, bits: int,
                   group: int) -> torch.Tensor:
-    """AWQ scale search: s = x_mean^a / w_mean^(1-a), a in {0, 0.05, ..., 0.95}, by block-output MSE."""
+    """AWQ scale search: s = x_mean^a / w_mean^(1-a), a in {0, 0.05, ..., 0.95}, by block-output MSE.
+
+    `weights` are (get, set) pairs of the [out, in] matrices that consume x."""
     x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0).float()
-    w = torch.cat([m.weight.data for m in linears], dim=0)
+    originals = [get().clone() for get, _ in weights]
+    w = torch.cat(originals, dim=0)
     wg = w.abs().reshape(-1, group)
     w_mean = (wg / wg.amax(dim=1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
     ref = block(x)
-    originals = [m.weight.data.clone() for m in linears]
     best, best_loss = None, float("inf")
     for k in range(AWQ_GRID):
         a = k / AWQ_GRID
         s = (x_mean.pow(a) / w_mean.pow(1 - a).clamp(min=1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        for m, o in zip(linears, originals):
-            m.weight.data = _awq_fake_quant(o * s, bits, group) / s
+        for (_, put), o in zip(weights, originals):
+            put(_awq_fake_quant(o * s, bits, group) / s)
         loss = float((block(x) - ref).float().pow(2).mean())
         if loss < best_loss:
             best, best_loss = s.clone(), loss
-    for m, o in zip(linears, originals):
-        m.weight.data = o
+    for (_, put), o in zip(weights, originals):
+        put(o)
     return best
+
+
+def _linear_handle(m: torch.nn.Linear) -> tuple[Callable, Callable]:
+    def put(v: torch.Tensor) -> None:
+        m.weight.data = v
+
+    return (lambda: m.weight.data), put
 
 
 @torch.no_grad()
@@ -202,8 +293,8 @@ def _search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, n_toke
 def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings) -> tuple[dict, dict]:
     mods = dict(layer.named_modules())
     inputs: dict[str, list[torch.Tensor]] = {}
-    runner.capture(layer, ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"), x,
-                   lambda n, inp: inputs.setdefault(n, []).append(inp.detach()))
+    names = ("self_attn.q_proj", "self_attn.o_proj") + (("mlp",) if runner.moe else ("mlp.gate_proj", "mlp.down_proj"))
+    runner.capture(layer, names, x, lambda n, inp: inputs.setdefault(n, []).append(inp.detach()))
     feats = {n: torch.cat(v) for n, v in inputs.items()}
     attn = mods["self_attn"]
 
@@ -211,48 +302,86 @@ def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSett
         return torch.cat([attn(h[b : b + s.batch], position_embeddings=runner.pos, attention_mask=None)[0]
                           for b in range(0, h.shape[0], s.batch)])
 
-    # (previous op, linears, their input, block whose output is compared)
-    plans = [
-        (mods["input_layernorm"], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], feats["self_attn.q_proj"], attn_block),
-        (mods["post_attention_layernorm"], ["mlp.gate_proj", "mlp.up_proj"], feats["mlp.gate_proj"], mods["mlp"]),
-        (mods["mlp.up_proj"], ["mlp.down_proj"], feats["mlp.down_proj"], mods["mlp.down_proj"]),
-    ]
-    if mods["self_attn.v_proj"].weight.shape == mods["self_attn.o_proj"].weight.shape:  # v -> o only without GQA
-        plans.insert(1, (mods["self_attn.v_proj"], ["self_attn.o_proj"], feats["self_attn.o_proj"], mods["self_attn.o_proj"]))
+    def fold(prev, sc: torch.Tensor, weights: list) -> None:
+        """Previous op's output divided by s, the consumers' input columns multiplied by s."""
+        if isinstance(prev, tuple):  # (get, set) of a matrix whose rows produce the input
+            get, put = prev
+            put(get() / sc.view(-1, 1))
+        elif isinstance(prev, torch.nn.Linear):
+            prev.weight.data = prev.weight.data / sc.view(-1, 1)
+            if prev.bias is not None:
+                prev.bias.data = prev.bias.data / sc
+        else:
+            prev.weight.data = prev.weight.data / sc
+        for get, put in weights:
+            put(get() * sc.view(1, -1))
+
+    lin = {n: _linear_handle(mods[n]) for n in LINEARS if n in mods}
     with torch.no_grad():
-        for prev, names, feat, block in plans:
-            linears = [mods[n] for n in names]
-            sc = _search_scale(block, feat, linears, s.bits, s.group_size)
-            # fold: previous op's output divided by s, the linears' input columns multiplied by s
-            if isinstance(prev, torch.nn.Linear):
-                prev.weight.data = prev.weight.data / sc.view(-1, 1)
-                if prev.bias is not None:
-                    prev.bias.data = prev.bias.data / sc
-            else:
-                prev.weight.data = prev.weight.data / sc
-            for m in linears:
-                m.weight.data = m.weight.data * sc.view(1, -1)
-            if prev is mods["post_attention_layernorm"] or prev is mods["input_layernorm"]:
-                feat.div_(sc)
-            elif prev is mods["mlp.up_proj"]:
-                feats["mlp.down_proj"] = feats["mlp.down_proj"] / sc
-            else:
-                feats["self_attn.o_proj"] = feats["self_attn.o_proj"] / sc
+        qkv = [lin["self_attn.q_proj"], lin["self_attn.k_proj"], lin["self_attn.v_proj"]]
+        sc = _search_scale(attn_block, feats["self_attn.q_proj"], qkv, s.bits, s.group_size)
+        fold(mods["input_layernorm"], sc, qkv)
+        feats["self_attn.q_proj"] = feats["self_attn.q_proj"] / sc
+        if mods["self_attn.v_proj"].weight.shape == mods["self_attn.o_proj"].weight.shape:  # v -> o only without GQA
+            sc = _search_scale(mods["self_attn.o_proj"], feats["self_attn.o_proj"], [lin["self_attn.o_proj"]], s.bits, s.group_size)
+            fold(mods["self_attn.v_proj"], sc, [lin["self_attn.o_proj"]])
+            feats["self_attn.o_proj"] = feats["self_attn.o_proj"] / sc
+        if runner.moe:
+            todo = _awq_moe_scales(runner, layer, feats, s, fold)
+        else:
+            gu = [lin["mlp.gate_proj"], lin["mlp.up_proj"]]
+            sc = _search_scale(mods["mlp"], feats["mlp.gate_proj"], gu, s.bits, s.group_size)
+            fold(mods["post_attention_layernorm"], sc, gu)
+            feats["mlp.gate_proj"] = feats["mlp.gate_proj"] / sc
+            sc = _search_scale(mods["mlp.down_proj"], feats["mlp.down_proj"], [lin["mlp.down_proj"]], s.bits, s.group_size)
+            fold(mods["mlp.up_proj"], sc, [lin["mlp.down_proj"]])
+            feats["mlp.down_proj"] = feats["mlp.down_proj"] / sc
+            todo = [(n, lin[n], feats[f]) for n, f in (("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.gate_proj"),
+                                                       ("mlp.down_proj", "mlp.down_proj"))]
+    todo = [(n, lin[n], feats[f]) for n, f in (("self_attn.q_proj", "self_attn.q_proj"), ("self_attn.k_proj", "self_attn.q_proj"),
+                                               ("self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj", "self_attn.o_proj"))] + todo
     results, errors = {}, {}
-    feat_of = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
-               "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-               "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
-    for n in LINEARS:
-        w = mods[n].weight.data.clone()
-        if n not in ("self_attn.q_proj", "self_attn.k_proj"):  # as published: q/k are not clipped
-            w = _search_clip(w, feats[feat_of[n]], s.bits, s.group_size)
+    for n, (get, put), feat in todo:
+        w = get().clone()
+        if not n.endswith(("q_proj", "k_proj")):  # as published: q/k are not clipped
+            w = _search_clip(w, feat, s.bits, s.group_size)
         r = rtn(w.cpu(), s.bits, s.group_size, sym=False, min_zero=0)
         h = Hessian(w.shape[1])
-        h.add(feats[feat_of[n]].cpu())
-        errors[n] = _rel_error(mods[n].weight.data.cpu(), r.dequant, h.h)
-        _set_weight(layer, n, r.dequant.to(s.device))
+        h.add(feat.reshape(-1, feat.shape[-1]).cpu())
+        errors[n] = _rel_error(get().cpu(), r.dequant, h.h)
+        put(r.dequant.to(s.device))
         results[n] = r
     return results, errors
+
+
+def _awq_moe_scales(runner: LayerRunner, layer, feats: dict, s: QuantSettings, fold) -> list:
+    """Mixtral: post_attention_layernorm -> every expert's w1, w3 (judged on the routed MoE output);
+    then each expert's w3 -> w2 on that expert's activations for all tokens. Router untouched."""
+    ew = ExpertWeights(layer, runner.config.intermediate_size)
+    n_exp = runner.config.num_local_experts
+    xs = feats["mlp"].reshape(-1, feats["mlp"].shape[-1])
+    runner.expert_tokens = routed_counts(layer, xs, runner.config.num_experts_per_tok)
+    runner.stat_tokens = xs.shape[0]
+
+    def handle(e: int, w: str):
+        return (lambda: ew.get(e, w)), (lambda v: ew.set(e, w, v))
+
+    w13 = [handle(e, w) for e in range(n_exp) for w in ("w1", "w3")]
+    moe = layer.mlp
+    sc = _search_scale(lambda h: moe(h.unsqueeze(0))[0], xs, w13, s.bits, s.group_size)
+    fold(layer.post_attention_layernorm, sc, w13)
+    xs = xs / sc
+    todo = []
+    act = moe.experts.act_fn
+    for e in range(n_exp):
+        mid = torch.cat(list(_expert_mid(xs, ew.get(e, "w1"), ew.get(e, "w3"), act)))
+        w2 = handle(e, "w2")
+        sc = _search_scale(lambda h, e=e: h @ ew.get(e, "w2").t(), mid, [w2], s.bits, s.group_size)
+        fold(handle(e, "w3"), sc, [w2])
+        mid = mid / sc
+        p = f"block_sparse_moe.experts.{e}"
+        todo += [(f"{p}.w1", handle(e, "w1"), xs), (f"{p}.w3", handle(e, "w3"), xs), (f"{p}.w2", w2, mid)]
+    return todo
 
 
 def iter_quantized_layers(model: CanonicalModel, ids: torch.Tensor,
@@ -265,9 +394,10 @@ def iter_quantized_layers(model: CanonicalModel, ids: torch.Tensor,
     for i in range(model.n_layers):
         t0 = time.perf_counter()
         layer = runner.layer(i)
+        runner.expert_tokens = runner.stat_tokens = None
         results, errors = fn(runner, layer, x, settings)
         x = runner.forward(layer, x)  # the quantized layer feeds the next
-        yield i, layer, results, LayerReport(i, time.perf_counter() - t0, errors)
+        yield i, layer, results, LayerReport(i, time.perf_counter() - t0, errors, runner.expert_tokens, runner.stat_tokens)
         del layer
 
 

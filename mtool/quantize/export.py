@@ -9,6 +9,7 @@ triggers quantization of layer i, and only that layer's results are held.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,30 @@ from .packing import GPTQ_BITS, pack_awq, pack_gptq
 
 GPTQ_GROUPS = (-1, 32, 64, 128)
 AWQ_GROUPS = (32, 64, 128)
+EXPERT_NAMINGS = ("legacy", "gptqmodel")
+_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])$")
+_GPTQMODEL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def is_quantized_linear(short: str) -> bool:
+    """Layer-relative canonical name (without .weight) of a linear that gets quantized."""
+    return short in LINEARS or bool(_EXPERT.match(short))
+
+
+def output_name(short: str, naming: str) -> str:
+    """Layer-relative output name: the source's legacy Mixtral names, or the fused-model names
+    GPTQModel loads (mlp.experts.E.{gate,up,down}_proj, mlp.gate)."""
+    if naming == "gptqmodel":
+        m = _EXPERT.match(short.rsplit(".", 1)[0]) if short.endswith((".weight", ".qweight", ".qzeros", ".scales", ".g_idx")) else None
+        if m:
+            return f"mlp.experts.{m.group(1)}.{_GPTQMODEL_NAMES[m.group(2)]}.{short.rsplit('.', 1)[1]}"
+        if short.startswith("block_sparse_moe.gate."):
+            return "mlp.gate." + short.rsplit(".", 1)[1]
+    return short
+
+
+# module parameter names of transformers' Mixtral layer -> canonical names (others are equal)
+_MODULE_TO_CANONICAL = {"mlp.gate.weight": "block_sparse_moe.gate.weight"}
 
 
 @dataclass
@@ -35,8 +60,10 @@ class QuantReport:
     out: Path | None = None
 
 
-def check_settings(model: CanonicalModel, s: QuantSettings) -> None:
+def check_settings(model: CanonicalModel, s: QuantSettings, expert_naming: str = "legacy") -> None:
     """Every combination the format cannot hold is refused before any work."""
+    if expert_naming not in EXPERT_NAMINGS:
+        raise MtoolError(f"--expert-naming must be one of {EXPERT_NAMINGS}, not {expert_naming!r}")
     if s.method == "gptq":
         if s.bits not in GPTQ_BITS:
             raise MtoolError(f"GPTQ stores {', '.join(map(str, GPTQ_BITS))} bits, not {s.bits}")
@@ -52,10 +79,10 @@ def check_settings(model: CanonicalModel, s: QuantSettings) -> None:
     if not 0 < s.damp < 1:
         raise MtoolError(f"--damp must be within (0, 1), got {s.damp}")
     for t in model.tensors:
-        if t.name.rsplit(".", 2)[-2:] != ["weight"] and not t.name.endswith(".weight"):
+        if not t.name.startswith("model.layers.") or not t.name.endswith(".weight"):
             continue
-        short = t.name.removeprefix("model.layers.").split(".", 1)[-1].removesuffix(".weight")
-        if short not in LINEARS:
+        short = t.name.split(".", 3)[3].removesuffix(".weight")
+        if not is_quantized_linear(short):
             continue
         out_f, in_f = t.shape
         if s.group_size != -1 and in_f % s.group_size:
@@ -75,10 +102,10 @@ def _quant_shapes(name: str, out_f: int, in_f: int, s: QuantSettings) -> dict[st
             "scales": ((groups, out_f), torch.float16), "g_idx": ((in_f,), torch.int32)}
 
 
-def quantization_config(s: QuantSettings) -> dict:
+def quantization_config(s: QuantSettings, moe: bool = False) -> dict:
     if s.method == "awq":
         return {"quant_method": "awq", "version": "gemm", "zero_point": True, "bits": s.bits,
-                "group_size": s.group_size, "modules_to_not_convert": None}
+                "group_size": s.group_size, "modules_to_not_convert": ["gate"] if moe else None}
     return {"quant_method": "gptq", "bits": s.bits, "group_size": s.group_size, "desc_act": s.desc_act, "sym": s.sym,
             "damp_percent": s.damp, "true_sequential": True, "static_groups": False, "checkpoint_format": "gptq",
             "lm_head": False}
@@ -98,11 +125,12 @@ class _Layers:
 
 def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, *, calib: Path | None = None,
                      nsamples: int = 16, seqlen: int = 128, seed: int = 0, force: bool = False,
-                     progress: bool = True, on_layer: Callable[[LayerReport], None] | None = None) -> QuantReport:
+                     progress: bool = True, on_layer: Callable[[LayerReport], None] | None = None,
+                     expert_naming: str = "legacy") -> QuantReport:
     """Quantize `model` with GPTQ or AWQ and write the checkpoint to `out`."""
     from ..outputs import check_output_path
 
-    check_settings(model, settings)
+    check_settings(model, settings, expert_naming)
     check_output_path(Path(out), force=force, sources=[model.source])
     ids = calibration_ids(model.tokenizer_dir, calib, nsamples, seqlen, seed)
     report = QuantReport()
@@ -111,12 +139,16 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
     def produce() -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         for i, layer, results, rep in iter_quantized_layers(model, ids, settings):
             prefix = f"model.layers.{i}."
-            tensors = {prefix + n: p.detach().to(torch.float16).cpu() for n, p in layer.named_parameters()
-                       if n.removesuffix(".weight") not in results}
+            tensors = {}
+            for n, p in layer.named_parameters():
+                canonical = _MODULE_TO_CANONICAL.get(n, n)
+                if n.startswith("mlp.experts.") or canonical.removesuffix(".weight") in results:
+                    continue  # quantized: packed below
+                tensors[prefix + output_name(canonical, expert_naming)] = p.detach().to(torch.float16).cpu()
             for short, r in results.items():
                 packed = (pack_awq(r.codes, r.zeros, r.scales) if settings.method == "awq"
                           else pack_gptq(r.codes, r.zeros, r.scales, r.g_idx, settings.bits))
-                tensors.update({f"{prefix}{short}.{k}": v for k, v in packed.items()})
+                tensors.update({prefix + output_name(f"{short}.{k}", expert_naming): v for k, v in packed.items()})
             report.layers.append(rep)
             if on_layer:
                 on_layer(rep)
@@ -127,18 +159,20 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
     for t in model.tensors:
         if t.name.startswith("model.layers."):
             i = int(t.name.split(".")[2])
-            short = t.name.split(".", 3)[3].removesuffix(".weight")
-            if short in LINEARS and t.name.endswith(".weight"):
+            short = t.name.split(".", 3)[3]
+            if is_quantized_linear(short.removesuffix(".weight")) and short.endswith(".weight"):
+                base = short.removesuffix(".weight")
                 for k, (shape, dt) in _quant_shapes(t.name, t.shape[0], t.shape[1], settings).items():
-                    n = f"model.layers.{i}.{short}.{k}"
+                    n = f"model.layers.{i}." + output_name(f"{base}.{k}", expert_naming)
                     tensors.append(LazyTensor(n, shape, dt, lambda i=i, n=n: layers.get(i, n)))
                 continue
-            tensors.append(LazyTensor(t.name, t.shape, torch.float16, lambda i=i, n=t.name: layers.get(i, n)))
+            n = f"model.layers.{i}." + output_name(short, expert_naming)
+            tensors.append(LazyTensor(n, t.shape, torch.float16, lambda i=i, n=n: layers.get(i, n)))
         else:
             tensors.append(LazyTensor(t.name, t.shape, torch.float16, lambda t=t: t.load().to(torch.float16)))
     config = hf_config(model)
     config["dtype"] = "float16"
-    qcfg = quantization_config(settings)
+    qcfg = quantization_config(settings, moe=bool(model.config.get("num_local_experts")))
     config["quantization_config"] = qcfg
     extra = {"quantize_config.json": json.dumps(qcfg, indent=2).encode()} if settings.method == "gptq" else {}
     report.out = write_hf_checkpoint(out, config, tensors, copy_from=model.tokenizer_dir,

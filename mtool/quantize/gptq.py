@@ -101,7 +101,7 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, used = None, damp
-    for attempt in range(6):
+    for _ in range(6):
         try:
             Hd = H + used * torch.mean(torch.diag(H)) * torch.eye(in_f)
             L = torch.linalg.cholesky(Hd)

@@ -45,7 +45,23 @@ def dequantized_state_dict(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                                       else dequantize_awq(parts, int(q["group_size"])))
         elif not n.endswith((".qzeros", ".scales", ".g_idx")):
             sd[n] = reader.load(n).to(torch.float32)
-    return config, sd
+    return config, {_legacy_moe_name(k): v for k, v in sd.items()}
+
+
+_FUSED_TO_LEGACY = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _legacy_moe_name(name: str) -> str:
+    """GPTQModel's Mixtral names (mlp.experts.E.gate_proj, mlp.gate) -> the legacy names transformers maps."""
+    parts = name.split(".")
+    if "mlp" in parts:
+        i = parts.index("mlp")
+        rest = parts[i + 1 :]
+        if len(rest) == 4 and rest[0] == "experts" and rest[2] in _FUSED_TO_LEGACY:
+            return ".".join(parts[:i] + ["block_sparse_moe", "experts", rest[1], _FUSED_TO_LEGACY[rest[2]], rest[3]])
+        if rest == ["gate", "weight"]:
+            return ".".join(parts[:i] + ["block_sparse_moe", "gate", "weight"])
+    return name
 
 
 class QuantizedRunner:
