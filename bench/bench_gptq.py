@@ -1,0 +1,70 @@
+"""Benchmark: GPTQ / AWQ of the generated ~0.5B Llama on this machine (CPU, or CUDA when present).
+
+Calibration: 32 windows x 512 tokens of the built-in bilingual text (repeated to length).
+Prints total wall time, peak RSS and per-layer seconds.
+
+    python bench/bench_gptq.py [--method gptq|awq] [--layers 20] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert import OUT, make_model, run_measured  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="gptq", choices=["gptq", "awq"])
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    from mtool.verify.data import builtin_text
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    src = OUT / f"llama-{args.layers}L-bf16"
+    nbytes = make_model(src, args.layers)
+    calib = OUT / "calib.txt"
+    calib.write_text("\n".join([builtin_text()] * 12), encoding="utf-8")
+    dst = OUT / f"{args.method}-{args.layers}L"
+    cmd = [sys.executable, "-m", "mtool.cli", "convert", str(src), "-o", str(dst), "--to", args.method, "--bits", "4",
+           "--group-size", "128", "--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+           "--device", args.device, "--force", "-q"]
+    import subprocess
+    import time
+
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read()
+    if proc.returncode:
+        print(proc.stderr.read()[-2000:])
+        raise SystemExit(proc.returncode)
+    per_layer = [float(m.group(1)) for m in re.finditer(r"^\s+\d+\s+([\d.]+)\s", out, re.M)]
+    print(out.splitlines()[0])
+    print(f"\nmodel {nbytes / 1e6:.0f} MB bf16, {args.layers} layers; {args.method} 4-bit g128; "
+          f"{args.nsamples} x {args.seqlen} calibration tokens")
+    print(f"{'wall s':>8} {'peak RSS MB':>12} {'s/layer mean':>13} {'s/layer max':>12}")
+    print(f"{wall:>8.1f} {peak / 1e6:>12.0f} {sum(per_layer) / len(per_layer):>13.2f} {max(per_layer):>12.2f}")
+    import shutil
+
+    shutil.rmtree(dst, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
