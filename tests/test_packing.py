@@ -97,3 +97,19 @@ def test_awq_round_trip(group):
 def test_unpack_ignores_padding_bits():
     codes = torch.randint(0, 8, (64, 3))
     assert torch.equal(unpack_bitstream(pack_bitstream(codes, 3), 3, 64), codes)
+
+
+def test_gptq_handles_dead_columns_and_singular_hessians():
+    from mtool.quantize.gptq import Hessian, gptq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(16, 64, generator=g)  # 16 samples for 64 columns: H has rank 16, singular
+    x[:, 5] = 0  # a dead input channel: diag(H) = 0
+    h = Hessian(64)
+    h.add(x)
+    r, stats = gptq(w, h, 4, 32, sym=True, damp=1e-12)
+    assert stats["dead"] == 1 and stats["damp"] > 1e-12  # the retry raised the damping
+    assert torch.isfinite(r.dequant).all()
+    assert torch.count_nonzero(r.dequant[:, 5]) == 0  # the dead column is zeroed
+    assert float(((x @ (w - r.dequant).t()) ** 2).mean()) < 0.05 * float((x @ w.t()).pow(2).mean())

@@ -192,9 +192,10 @@ def quantize_moe_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSetti
 
 
 def _gptq_or_rtn(w: torch.Tensor, h: Hessian, s: QuantSettings):
+    """Runs where the layer runs (cuda or cpu); results come back on the CPU for packing."""
     if s.method == "rtn":
-        return rtn(w.cpu(), s.bits, s.group_size, s.sym)
-    return gptq(w.cpu(), _cpu(h), s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)[0]
+        return rtn(w, s.bits, s.group_size, s.sym)
+    return gptq(w, h, s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)[0]
 
 
 def quantize_layer_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings) -> tuple[dict, dict]:
@@ -214,12 +215,6 @@ def quantize_layer_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSet
             _set_weight(layer, n, r.dequant.to(s.device))
             results[n] = r
     return results, errors
-
-
-def _cpu(h: Hessian) -> Hessian:
-    c = Hessian(h.h.shape[0])
-    c.h, c.n = h.h.cpu(), h.n
-    return c
 
 
 # -- AWQ ------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ class QuantResult:
 def grid(w: torch.Tensor, bits: int, sym: bool, *, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) of a min/max grid for w [rows, cols] (the GPTQ quantizer's)."""
     maxq = 2**bits - 1
-    xmin = torch.minimum(w.min(dim=1).values, torch.zeros(1))
-    xmax = torch.maximum(w.max(dim=1).values, torch.zeros(1))
+    xmin = torch.minimum(w.min(dim=1).values, w.new_zeros(1))
+    xmax = torch.maximum(w.max(dim=1).values, w.new_zeros(1))
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -62,13 +62,15 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool, *, min_zero
         codes[:, g0 : g0 + gs] = quantize_codes(w[:, g0 : g0 + gs], s, z, bits)
         scales.append(s)
         zeros.append(z)
-    g_idx = torch.arange(in_f) // gs
+    g_idx = torch.arange(in_f, device=w.device) // gs
     return _result(codes, torch.stack(zeros), torch.stack(scales), g_idx)
 
 
 def _result(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> QuantResult:
+    """Results on the CPU (where they are packed), whatever device the work ran on."""
     deq = (codes - zeros[g_idx].t()) * scales[g_idx].t()  # [out, in]
-    return QuantResult(codes.t().to(torch.int64).contiguous(), zeros.to(torch.int64), scales, g_idx, deq)
+    return QuantResult(codes.t().to(torch.int64).contiguous().cpu(), zeros.to(torch.int64).cpu(), scales.cpu(),
+                       g_idx.cpu(), deq.cpu())
 
 
 class Hessian:
@@ -90,7 +92,7 @@ class Hessian:
 def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym: bool, *, desc_act: bool = False,
          damp: float = 0.01, block_size: int = 128, min_zero: int = 1) -> tuple[QuantResult, dict]:
     """Quantize weight [out, in] with GPTQ; returns the result and stats (damping used, error)."""
-    W = weight.to(torch.float32).clone()
+    W = weight.to(device=hessian.h.device, dtype=torch.float32).clone()
     H = hessian.h.clone()
     out_f, in_f = W.shape
     if hessian.n == 0:
@@ -98,24 +100,27 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(in_f)
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, used = None, damp
-    for _ in range(6):
+    while used <= 1.0:  # x10 until it factorizes; damping of 1 x mean(diag) always does
         try:
-            Hd = H + used * torch.mean(torch.diag(H)) * torch.eye(in_f)
+            Hd = H + used * torch.mean(torch.diag(H)) * torch.eye(in_f, device=H.device)
             L = torch.linalg.cholesky(Hd)
             Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-            break
+            if torch.isfinite(Hinv).all():
+                break
+            Hinv = None  # float32 rounding let a singular matrix through: damp more
         except torch.linalg.LinAlgError:
-            used *= 10
+            pass
+        used *= 10
     if Hinv is None:
-        raise MtoolError(f"GPTQ: the Hessian stays singular even with damping {used / 10:g}")
+        raise MtoolError("GPTQ: the Hessian could not be factorized even with damping 1.0 (non-finite activations?)")
     gs = in_f if group_size == -1 else group_size
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
-    scales, zeros, gidx_perm = [], [], torch.zeros(in_f, dtype=torch.int64)
-    loss = torch.zeros(out_f)
+    scales, zeros, gidx_perm = [], [], torch.zeros(in_f, dtype=torch.int64, device=W.device)
+    loss = torch.zeros(out_f, device=W.device)
     s = z = None
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
