@@ -94,8 +94,8 @@ def llamacpp_converter() -> Path | None:
     return script if script.is_file() else None
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of one child process and its children.
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
+    """(wall seconds, peak RSS bytes, exit code, stdout) of one child process and its children.
 
     RSS is sampled every 5 ms with psutil: ru_maxrss cannot be used because Linux keeps the
     forking parent's peak across fork+exec, so every child would report this script's peak.
@@ -104,9 +104,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
 
     import psutil
 
-    err_file = tempfile.TemporaryFile()
+    err_file, out_file = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+    proc = subprocess.Popen(cmd, env=env, stdout=out_file, stderr=err_file)
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -120,14 +120,16 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
     err = err_file.read().decode(errors="replace")
     code = proc.returncode
     usage_peak = peak
+    out_file.seek(0)
+    out = out_file.read().decode(errors="replace")
     if code:
         print(f"command failed ({code}): {' '.join(cmd)}\n{err[-800:]}", file=sys.stderr)
-    return wall, usage_peak, code
+    return wall, usage_peak, code, out
 
 
 def repeat(n: int, cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
     """Median wall time, max peak RSS and worst exit code over n runs."""
-    runs = [run_measured(cmd, env) for _ in range(n)]
+    runs = [run_measured(cmd, env)[:3] for _ in range(n)]
     walls = sorted(r[0] for r in runs)
     return walls[len(walls) // 2], max(r[1] for r in runs), max(r[2] for r in runs)
 

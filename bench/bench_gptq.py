@@ -36,25 +36,9 @@ def main() -> None:
     cmd = [sys.executable, "-m", "mtool.cli", "convert", str(src), "-o", str(dst), "--to", args.method, "--bits", "4",
            "--group-size", "128", "--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
            "--device", args.device, "--force", "-q"]
-    import subprocess
-    import time
-
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read()
-    if proc.returncode:
-        print(proc.stderr.read()[-2000:])
-        raise SystemExit(proc.returncode)
+    wall, peak, code, out = run_measured(cmd)
+    if code:
+        raise SystemExit(f"mtool convert failed with exit code {code}")
     per_layer = [float(m.group(1)) for m in re.finditer(r"^\s+\d+\s+([\d.]+)\s", out, re.M)]
     print(out.splitlines()[0])
     print(f"\nmodel {nbytes / 1e6:.0f} MB bf16, {args.layers} layers; {args.method} 4-bit g128; "

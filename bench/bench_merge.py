@@ -40,7 +40,7 @@ def main() -> None:
     sizes = [make_model(p, args.layers, seed=i) for i, p in enumerate(srcs)]
     rows = []
     dst = OUT / "merged-mtool"
-    wall, rss, code = run_measured([sys.executable, "-m", "mtool.cli", "merge", *map(str, srcs), "-o", str(dst),
+    wall, rss, code, _ = run_measured([sys.executable, "-m", "mtool.cli", "merge", *map(str, srcs), "-o", str(dst),
                                     "--weights", ",".join(map(str, WEIGHTS)), "--force", "-q"])
     rows.append(("mtool merge", wall, rss, code))
     shutil.rmtree(dst, ignore_errors=True)
@@ -51,7 +51,7 @@ def main() -> None:
         cfg.write_text("merge_method: linear\ndtype: bfloat16\nmodels:\n" + "".join(
             f"  - model: {p}\n    parameters:\n      weight: {w}\n" for p, w in zip(srcs, WEIGHTS)))
         dst = OUT / "merged-mergekit"
-        wall, rss, code = run_measured([str(venv / "bin" / "mergekit-yaml"), str(cfg), str(dst), "--allow-crimes",
+        wall, rss, code, _ = run_measured([str(venv / "bin" / "mergekit-yaml"), str(cfg), str(dst), "--allow-crimes",
                                         "--lazy-unpickle", "--out-shard-size", "5B"])
         rows.append((f"mergekit {version} (--lazy-unpickle)", wall, rss, code))
         shutil.rmtree(dst, ignore_errors=True)

@@ -72,7 +72,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     src = OUT / "mixtral-4L-bf16"
     total, layer = make_moe(src)
-    _, overhead, _ = run_measured([sys.executable, "-c",
+    _, overhead, _, _ = run_measured([sys.executable, "-c",
                                    "import mtool.cli, mtool.convert.gguf_export, mtool.convert.hf_export, torch, gguf, numpy, "
                                    "transformers; from mtool.memory import return_freed_memory_promptly as r; r()"])
     budget = overhead + 1.5 * layer
@@ -81,7 +81,7 @@ def main() -> None:
     for label, args in (("gguf f16", ["-o", str(OUT / "moe-f16.gguf"), "--outtype", "f16"]),
                         ("gguf q8_0", ["-o", str(OUT / "moe-q8_0.gguf"), "--outtype", "q8_0"]),
                         ("hf (re-shard)", ["-o", str(OUT / "moe-hf"), "--to", "hf", "--split-max-size", "200M"])):
-        wall, rss, code = run_measured(mtool + args + ["--force", "-q"])
+        wall, rss, code, _ = run_measured(mtool + args + ["--force", "-q"])
         rows.append((label, wall, rss, code))
     for f in OUT.glob("moe-*.gguf"):
         f.unlink()
