@@ -126,10 +126,13 @@ def _set_weight(layer, name: str, w: torch.Tensor) -> None:
     dict(layer.named_modules())[name].weight.data = w.to(torch.float32)
 
 
-def _rel_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """Relative output error tr(D H D^T) / tr(W H W^T) for the calibration inputs."""
-    d = (w - q).to(h.dtype)
-    return float(torch.einsum("oi,ij,oj->", d, h, d) / torch.einsum("oi,ij,oj->", w.to(h.dtype), h, w.to(h.dtype)).clamp(min=1e-20))
+def _rel_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 256) -> float:
+    """Relative output error tr(D H D^T) / tr(W H W^T) for the calibration inputs, estimated on
+    evenly spaced output rows (the exact trace costs out x in^2 per linear, just for a report)."""
+    pick = torch.linspace(0, w.shape[0] - 1, min(rows, w.shape[0])).long()
+    wr, d = w[pick].to(h.dtype), (w[pick] - q[pick].to(w.device)).to(h.dtype)
+    num = ((d @ h) * d).sum()
+    return float(num / ((wr @ h) * wr).sum().clamp(min=1e-20))
 
 
 class ExpertWeights:
