@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--gptqmodel", action="store_true",
+                    help="also run GPTQModel (from bench/out/gq-venv) on the same calibration windows")
     args = ap.parse_args()
     from mtool.verify.data import builtin_text
 
@@ -48,6 +50,23 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(dst, ignore_errors=True)
+    venv_py = OUT / "gq-venv" / "bin" / "python"
+    if args.gptqmodel and venv_py.is_file():
+        import os
+
+        import torch
+
+        from mtool.quantize.calib import calibration_ids
+
+        ids_file = OUT / "calib_ids.pt"
+        torch.save(calibration_ids(src, calib, args.nsamples, args.seqlen), ids_file)
+        gdst = OUT / f"gptqmodel-{args.layers}L"
+        env = dict(os.environ, GPTQMODEL_CPU_WORKERS=str(os.cpu_count() or 2))
+        gwall, gpeak, gcode, gout = run_measured([str(venv_py), str(Path(__file__).parent / "gptqmodel_quantize.py"),
+                                                  str(src), str(gdst), str(ids_file)], env)
+        status = "" if gcode == 0 else "  FAILED"
+        print(f"GPTQModel: {gwall:>8.1f} s wall, peak RSS {gpeak / 1e6:.0f} MB{status}")
+        shutil.rmtree(gdst, ignore_errors=True)
 
 
 if __name__ == "__main__":
