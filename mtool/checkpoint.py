@@ -23,8 +23,9 @@ from typing import Protocol
 
 import torch
 
-from .errors import MtoolError
-from .outputs import check_free_space, check_output_path, commit_dir, staging_dir
+from .errors import InputError, MtoolError, UsageError
+from .numerics import check_finite
+from .outputs import commit_dir, output_transaction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,34 +54,98 @@ class TensorInfo:
         return n
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, *, want: type = dict) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MtoolError(f"{path} not found") from None
+        raise InputError(f"{path} not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise MtoolError(f"{path} is not valid JSON: {e}") from None
+        raise InputError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(data, want):
+        raise InputError(f"{path} must hold a JSON {'object' if want is dict else want.__name__}, "
+                         f"not {type(data).__name__}")
+    return data
+
+
+# safetensors' own limit on the header (the library refuses larger ones)
+_MAX_HEADER = 100_000_000
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """Parse and validate a safetensors header; returns (entries, data start offset)."""
+    """Parse and validate a safetensors header as strictly as the safetensors library does;
+    returns (entries, data start offset).
+
+    Checked: header length and UTF-8 JSON object; every entry has a known dtype, a shape of
+    non-negative ints and [begin, end] offsets; the spans, sorted, start at 0, touch without
+    gap or overlap, each holds exactly dtype x shape bytes, and together they fill the file.
+    """
     size = path.stat().st_size
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise MtoolError(f"{path} is truncated (no safetensors header)")
+            raise InputError(f"{path} is truncated (no safetensors header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise MtoolError(f"{path} is truncated or not a safetensors file (header claims {n} bytes)")
+        if n > size - 8 or n > _MAX_HEADER:
+            raise InputError(f"{path} is truncated or not a safetensors file (header claims {n} bytes)")
         try:
-            header = json.loads(fh.read(n))
-        except json.JSONDecodeError:
-            raise MtoolError(f"{path} has a corrupt safetensors header") from None
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path} has a corrupt safetensors header (not UTF-8 JSON)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path} has a corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise MtoolError(f"{path} is truncated: header describes {8 + n + end} bytes, file has {size}")
+    spans = []
+    for name, meta in header.items():
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+            raise InputError(f"{path}: header entry {name!r} lacks dtype, shape or data_offsets")
+        shape, offs = meta["shape"], meta["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise InputError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and o >= 0 for o in offs)
+                and offs[0] <= offs[1]):
+            raise InputError(f"{path}: tensor {name} has invalid data_offsets {offs!r}")
+        if meta["dtype"] not in _ST_DTYPES:
+            raise InputError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        need = _ST_DTYPES[meta["dtype"]].itemsize
+        for d in shape:
+            need *= d
+        if offs[1] - offs[0] != need:
+            raise InputError(f"{path}: tensor {name} has {offs[1] - offs[0]} bytes of data, its shape and dtype need {need}")
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise InputError(f"{path}: tensor {name}'s data {what} (corrupt safetensors header)")
+        pos = end
+    if 8 + n + pos > size:
+        raise InputError(f"{path} is truncated: header describes {8 + n + pos} bytes, file has {size}")
+    if 8 + n + pos != size:
+        raise InputError(f"{path} has {size - 8 - n - pos} bytes after the last tensor (corrupt safetensors file)")
     return header, 8 + n
+
+
+def _index_files(model_dir: Path, index_path: Path) -> tuple[list[Path], dict[str, str]]:
+    """Shard files of an index.json, which must name files inside the model folder."""
+    index = read_json(index_path)
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise InputError(f"{index_path} has no weight_map entries")
+    root = model_dir.resolve()
+    files = set()
+    for tensor, fname in wm.items():
+        if not isinstance(fname, str) or not fname:
+            raise InputError(f"{index_path}: tensor {tensor} maps to {fname!r}, not a file name")
+        f = (model_dir / fname).resolve()
+        if f.parent != root and root not in f.parents:
+            raise InputError(f"{index_path}: tensor {tensor} points outside the model folder ({fname})")
+        files.add(model_dir / fname)
+    return sorted(files), wm
 
 
 class CheckpointReader:
@@ -93,7 +158,7 @@ class CheckpointReader:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise MtoolError(f"{self.path} has no config.json; is it a Hugging Face model directory?")
-        self.config: dict = _read_json(cfg)
+        self.config: dict = read_json(cfg)
         self._index: dict[str, TensorInfo] = {}
         self._bin_cache: dict[Path, Mapping[str, torch.Tensor]] = {}
         self._build_index()
@@ -103,13 +168,12 @@ class CheckpointReader:
         st_index = self.path / "model.safetensors.index.json"
         bin_index = self.path / "pytorch_model.bin.index.json"
         if st_index.is_file():
-            files = sorted({self.path / f for f in _read_json(st_index).get("weight_map", {}).values()})
-            self._index_safetensors(files, declared=_read_json(st_index)["weight_map"])
+            files, declared = _index_files(self.path, st_index)
+            self._index_safetensors(files, declared=declared)
         elif sorted(self.path.glob("*.safetensors")):
             self._index_safetensors(sorted(self.path.glob("*.safetensors")))
         elif bin_index.is_file():
-            files = sorted({self.path / f for f in _read_json(bin_index).get("weight_map", {}).values()})
-            self._index_bin(files)
+            self._index_bin(_index_files(self.path, bin_index)[0])
         elif sorted(self.path.glob("pytorch_model*.bin")):
             self._index_bin(sorted(self.path.glob("pytorch_model*.bin")))
         else:
@@ -123,13 +187,9 @@ class CheckpointReader:
                 raise MtoolError(f"shard {f} named in the index is missing")
             header, base = _safetensors_header(f)
             for name, meta in header.items():
-                dtype = _ST_DTYPES.get(meta["dtype"])
-                if dtype is None:
-                    raise MtoolError(f"{f}: tensor {name} has unsupported dtype {meta['dtype']}")
-                info = TensorInfo(name, tuple(meta["shape"]), dtype, f, base + meta["data_offsets"][0])
-                if meta["data_offsets"][1] - meta["data_offsets"][0] != info.nbytes:
-                    raise MtoolError(f"{f}: tensor {name} has {meta['data_offsets'][1] - meta['data_offsets'][0]} bytes of data, "
-                                     f"its shape and dtype need {info.nbytes}")
+                if name in self._index:
+                    raise InputError(f"tensor {name} is stored twice: in {self._index[name].file.name} and {f.name}")
+                info = TensorInfo(name, tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]], f, base + meta["data_offsets"][0])
                 self._index[name] = info
         if declared:
             missing = [n for n in declared if n not in self._index]
@@ -146,11 +206,25 @@ class CheckpointReader:
 
     def _load_bin(self, f: Path) -> Mapping[str, torch.Tensor]:
         if f not in self._bin_cache:
+            import zipfile
+
+            # zip archives (torch >= 1.6) are mapped: data stays on disk until a tensor is touched.
+            # Legacy (pre-1.6, non-zip) archives cannot be mapped and are read whole, one shard at
+            # a time. weights_only=True either way: pickled code in a checkpoint is never run.
+            legacy = not zipfile.is_zipfile(f)
             try:
-                # mmap keeps the data on disk until a tensor is touched; weights_only refuses pickled code
-                self._bin_cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # torch raises many types for corrupt archives
-                raise MtoolError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+                sd = torch.load(f, map_location="cpu", mmap=not legacy, weights_only=True)
+            except Exception as e:  # torch raises many types for corrupt or code-carrying archives
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+                    raise InputError(
+                        f"{f} holds more than plain tensors (pickled objects mtool will not execute); convert it "
+                        f"to safetensors in a sandbox you trust, e.g. with transformers' save_pretrained("
+                        f"safe_serialization=True)") from None
+                raise InputError(f"cannot read {f}: {first}") from None
+            if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise InputError(f"{f} is not a state dict of tensors")
+            self._bin_cache[f] = sd
         return self._bin_cache[f]
 
     # -- access ----------------------------------------------------------------
@@ -224,11 +298,12 @@ def parse_size(text: str | int | None) -> int:
     s = text.strip().upper().removesuffix("B")
     units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
     try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(s)
+        value = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else float(s)
     except ValueError:
-        raise MtoolError(f"cannot parse size {text!r}; use e.g. 500M or 5G") from None
+        raise UsageError(f"cannot parse size {text!r}; use e.g. 500M or 5G") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise UsageError(f"size {text!r} must be positive, e.g. 500M or 5G")
+    return int(value)
 
 
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -278,6 +353,8 @@ def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor:
             pending = pool.submit(tensors[i + 1].load) if i + 1 < len(tensors) else None
             if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
                 raise MtoolError(f"tensor {t.name}: produced {list(data.shape)} {data.dtype}, planned {list(t.shape)} {t.dtype}")
+            if data.is_floating_point():
+                check_finite(data, t.name)
             if data.numel():
                 fh.write(data.contiguous().view(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
             if on_tensor:
@@ -305,12 +382,9 @@ def write_hf_checkpoint(
     Tensors stream one at a time (memory: one tensor); the directory appears under `out`
     only once complete. `tokenizer_config` / `generation_config` replace the copied files.
     """
-    import shutil
-
     out = Path(out)
-    check_output_path(out, force=force, sources=sources)
-    total = sum(_nbytes(t) for t in tensors)
-    check_free_space(out.parent, total)
+    if copy_from is not None:
+        check_tokenizer_files(Path(copy_from))
     shards: list[list[TensorSource]] = [[]]
     size = 0
     for t in tensors:
@@ -319,31 +393,64 @@ def write_hf_checkpoint(
             size = 0
         shards[-1].append(t)
         size += _nbytes(t)
+    total = sum(_nbytes(t) for t in tensors)
+    small: dict[str, bytes] = {"config.json": json.dumps(config, indent=2, ensure_ascii=False).encode()}
+    if copy_from is not None:
+        for fname in TOKENIZER_FILES:
+            if (Path(copy_from) / fname).is_file():
+                small[fname] = (Path(copy_from) / fname).read_bytes()
+    if tokenizer_config is not None:
+        small["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2, ensure_ascii=False).encode()
+    if generation_config is not None:
+        small["generation_config.json"] = json.dumps(generation_config, indent=2).encode()
+    small.update(extra_files or {})
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    if n > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t.name: fname for fname, shard in zip(names, shards) for t in shard}}
+        small["model.safetensors.index.json"] = json.dumps(index, indent=2).encode()
+    # every byte that will be written: tensors, safetensors headers (~100 B per tensor), small files
+    needed = total + 256 * len(tensors) + sum(len(b) for b in small.values())
+    with output_transaction(out, force=force, sources=sources, needed_bytes=needed) as tx:
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing safetensors", leave=False)
-    with staging_dir(out) as tmp:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing safetensors", leave=False)
         for fname, shard in zip(names, shards):
-            write_safetensors_stream(tmp / fname, shard, bar.update if bar else None, metadata)
+            write_safetensors_stream(tx.dir / fname, shard, bar.update if bar else None, metadata)
         if bar:
             bar.close()
-        if n > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {t.name: fname for fname, shard in zip(names, shards) for t in shard}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-        if copy_from is not None:
-            for fname in TOKENIZER_FILES:
-                if (Path(copy_from) / fname).is_file():
-                    shutil.copy2(Path(copy_from) / fname, tmp / fname)
-        if tokenizer_config is not None:
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
-        if generation_config is not None:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
-        for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_bytes(data)
-        return commit_dir(tmp, out, force=force)
+        for fname, data in small.items():
+            (tx.dir / fname).write_bytes(data)
+        return commit_dir(tx.dir, out, force=force)
+
+
+def check_tokenizer_files(tok_dir: Path) -> None:
+    """Load every tokenizer file before it is copied into an output: a corrupt one is named
+    now instead of shipping in an artifact that fails when a user loads it."""
+    tok_dir = Path(tok_dir)
+    sp = tok_dir / "tokenizer.model"
+    if sp.is_file():
+        import sentencepiece as spm
+
+        try:
+            proc = spm.SentencePieceProcessor(model_file=str(sp))
+            ok = proc.vocab_size() > 0
+        except Exception:  # sentencepiece raises RuntimeError/OSError/others for bad protos
+            ok = False
+        if not ok:
+            raise InputError(f"{sp} is not a valid SentencePiece model")
+    tj = tok_dir / "tokenizer.json"
+    if tj.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(tj.read_text(encoding="utf-8"))
+        except Exception as e:  # tokenizers raises its own Exception type with a serde message
+            raise InputError(f"{tj} is not a valid tokenizer.json: {str(e).splitlines()[0][:200]}") from None
+    for fname in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+                  "chat_template.json", "vocab.json"):
+        if (tok_dir / fname).is_file():
+            read_json(tok_dir / fname)

@@ -1,7 +1,11 @@
 """The `mtool` command line: thin wrappers that parse, call one function, and report.
 
-Exit status: 0 success, 1 a verification threshold failed, 2 bad input or any other error
-(one line on stderr, no partial output left behind).
+Exit status (the error contract, enforced here and nowhere else):
+  0    success
+  1    a verification threshold failed (verify, demo)
+  2    any other failure: one line `error: ...` on stderr naming the file or option at fault
+  130  interrupted by SIGINT (Ctrl-C);  143  terminated by SIGTERM
+Tracebacks only with --debug or MTOOL_DEBUG=1. Outputs are never left half-written.
 """
 
 from __future__ import annotations
@@ -9,46 +13,109 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import MtoolError
+from .errors import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_VERIFY_FAILED, MtoolError, Terminated, UsageError
 
-EXIT_FAIL, EXIT_ERROR = 1, 2
+EXIT_FAIL = EXIT_VERIFY_FAILED
+
+
+def _debug_enabled(ctx: click.Context | None) -> bool:
+    if os.environ.get("MTOOL_DEBUG", "") not in ("", "0"):
+        return True
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.params.get("debug"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 class _Group(click.Group):
-    """Turns MtoolError (and Ctrl-C) into one clear line instead of a traceback."""
+    """The one place where failures become exit codes and one-line messages."""
+
+    def main(self, *args, **kwargs):
+        # click prints usage errors as several lines; the contract is one line, exit 2.
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(EXIT_ERROR)
+        except click.exceptions.Abort:
+            click.echo("interrupted; no output was written", err=True)
+            sys.exit(EXIT_SIGINT)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
         except MtoolError as e:
-            click.echo(f"error: {e}", err=True)
+            if _debug_enabled(ctx):
+                traceback.print_exc()
+            click.echo(f"error: {_one_line(e)}", err=True)
             ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted; no output was written", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_SIGINT)
+        except Terminated:
+            click.echo("terminated; no output was written", err=True)
+            ctx.exit(EXIT_SIGTERM)
+        except Exception as e:  # noqa: BLE001 - the contract: never a bare traceback
+            if _debug_enabled(ctx):
+                traceback.print_exc()
+            msg = _one_line(f"{type(e).__name__}: {e}")[:300]
+            click.echo(f"error: internal error: {msg} (rerun with --debug for details)", err=True)
+            ctx.exit(EXIT_ERROR)
 
 
-def _quiet_libraries() -> None:
+class _NoteHandler(logging.Handler):
+    """mtool's library notes (cleanups, fallbacks) as `note: ...` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _setup_process() -> None:
     # environment, not imports: importing transformers here would add a second to every command
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("gguf").setLevel(logging.ERROR)
+    log = logging.getLogger("mtool")
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (timeout, CI cancellation) cleans up exactly like Ctrl-C
+        signal.signal(signal.SIGTERM, _on_sigterm)
     from .memory import return_freed_memory_promptly
 
-    return_freed_memory_promptly()
+    return_freed_memory_promptly()  # process-wide allocator tuning: only here, in the CLI entry
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mtool")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors (also: MTOOL_DEBUG=1).")
+def cli(debug: bool) -> None:
     """Turn Hugging Face LLM checkpoints into verified release artifacts.
 
     \b
@@ -56,8 +123,12 @@ def cli() -> None:
       mtool inspect ./Yi-34B
       mtool convert ./Yi-34B -o yi-34b-q8_0.gguf --outtype q8_0
       mtool verify ./Yi-34B yi-34b-q8_0.gguf --json report.json   # exit 1 on failure
+
+    \b
+    Exit status: 0 success, 1 verification failed, 2 any other error (one line on stderr),
+    130 interrupted (SIGINT), 143 terminated (SIGTERM).
     """
-    _quiet_libraries()
+    _setup_process()
 
 
 @cli.command()
@@ -81,8 +152,8 @@ def cli() -> None:
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (x mean diag H; raised on Cholesky failure).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text (.txt, or .jsonl with 'text'). Default: the built-in English/Chinese sample.")
-@click.option("--nsamples", type=int, default=16, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--nsamples", type=click.IntRange(min=1), default=16, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where GPTQ/AWQ run (cuda when available with auto).")
 @click.option("--expert-naming", type=click.Choice(["legacy", "gptqmodel"]), default="legacy", show_default=True,
@@ -114,7 +185,11 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
 
     to = to or ("gguf" if out.suffix == ".gguf" else None)
     if to is None:
-        raise MtoolError("cannot tell the output format: give --to, or an OUT ending in .gguf")
+        raise UsageError("cannot tell the output format: give --to, or an OUT ending in .gguf")
+    if to != "gguf" and out.suffix == ".gguf":
+        raise UsageError(f"--to {to} writes a model directory, but OUT {out} ends in .gguf")
+    _refuse_inapplicable(click.get_current_context(), to)
+    parse_size(split_max_size)  # a bad size is refused before the source is opened
     from .recipes import load_recipe
 
     rec = load_recipe(recipe) if recipe else None
@@ -137,8 +212,6 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
         click.echo(f"wrote {model.config['architectures'][0]} checkpoint ({len(model.tensors)} tensors, "
                    f"{model.total_bytes() / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s\n  {path}")
         return
-    if out.suffix != ".gguf":
-        raise MtoolError(f"GGUF output {out} must end in .gguf")
     from .convert.gguf_export import export_gguf
 
     res = export_gguf(model, out, outtype=outtype, split_max_size=parse_size(split_max_size), force=force,
@@ -153,12 +226,29 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
         click.echo(f"  {f}")
 
 
+# convert options and the --to formats they mean something for
+_OPTION_FORMATS = {
+    "outtype": {"gguf"}, "name": {"gguf"},
+    "bits": {"gptq", "awq"}, "group_size": {"gptq", "awq"}, "sym": {"gptq"}, "desc_act": {"gptq"},
+    "damp": {"gptq"}, "calib": {"gptq", "awq"}, "nsamples": {"gptq", "awq"}, "seqlen": {"gptq", "awq"},
+    "device": {"gptq", "awq"}, "expert_naming": {"gptq", "awq"},
+}
+
+
+def _refuse_inapplicable(ctx: click.Context, to: str) -> None:
+    """Options given on the command line that the chosen format would ignore are an error."""
+    for name, formats in _OPTION_FORMATS.items():
+        if to not in formats and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} does not apply to --to {to} (it is for --to {' / '.join(sorted(formats))})")
+
+
 def _quantize(model, out: Path, method: str, *, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
               calib: Path | None, nsamples: int, seqlen: int, device: str, expert_naming: str, force: bool,
               quiet: bool) -> None:
     from .quantize.engine import QuantSettings
     from .quantize.export import export_quantized
-    from .verify.runners import resolve_device
+    from .device import resolve_device
 
     settings = QuantSettings(method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=damp,
                              device=resolve_device(device))
@@ -199,16 +289,19 @@ def _quantize(model, out: Path, method: str, *, bits: int, group_size: int, sym:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Device of the torch runners. llama.cpp offloads to the GPU when built with GPU support.")
-@click.option("--ctx", default=512, show_default=True, help="Tokens per evaluation window (capped at the model's context).")
-@click.option("--max-windows", default=8, show_default=True, help="Evaluate at most this many windows.")
-@click.option("--max-kld", type=float, default=None, help="Fail when mean KL divergence exceeds this (default per type).")
-@click.option("--min-top1", type=float, default=None, help="Fail when top-1 agreement is below this fraction.")
-@click.option("--max-ppl-ratio", type=float, default=None, help="Fail when PPL(candidate)/PPL(reference) exceeds this.")
-@click.option("--allow-token-mismatch", is_flag=True, help="Do not fail when llama.cpp tokenizes differently.")
-@click.option("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores).")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=16),
+              help="Tokens per evaluation window (capped at the model's context; at least 16).")
+@click.option("--max-windows", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Evaluate at most this many windows (at least 64 positions must be scored).")
+@click.option("--max-kld", type=click.FloatRange(min=0), default=None, help="Fail when mean KL divergence exceeds this (default per type).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Fail when top-1 agreement is below this fraction.")
+@click.option("--max-ppl-ratio", type=click.FloatRange(min=0), default=None, help="Fail when PPL(candidate)/PPL(reference) exceeds this.")
+@click.option("--allow-token-mismatch", is_flag=True, help="Do not fail when the candidate tokenizes differently.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama.cpp (default: all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def verify(ref: Path, cand: Path, data: Path | None, json_out: Path | None, device: str, ctx: int, max_windows: int,
            max_kld: float | None, min_top1: float | None, max_ppl_ratio: float | None,
-           allow_token_mismatch: bool, threads: int | None) -> None:
+           allow_token_mismatch: bool, threads: int | None, quiet: bool) -> None:
     """Check that artifact CAND computes what the HF model REF computes.
 
     Runs both on the same token windows and reports perplexities, PPL ratio, mean and p99
@@ -219,14 +312,17 @@ def verify(ref: Path, cand: Path, data: Path | None, json_out: Path | None, devi
     Example:
       mtool verify ./Yi-34B yi-34b-q8_0.gguf --json verify.json
     """
+    from .outputs import check_report_path, write_report
     from .verify.report import run_verify
 
+    if json_out:
+        check_report_path(json_out, "--json")  # before minutes of work, not after
     rep = run_verify(ref, cand, data=data, device=device, ctx=ctx, max_windows=max_windows,
                      overrides={"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio},
-                     allow_token_mismatch=allow_token_mismatch, threads=threads)
-    click.echo(rep.table())
+                     allow_token_mismatch=allow_token_mismatch, threads=threads, progress=not quiet)
     if json_out:
-        json_out.write_text(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
+        write_report(json_out, json.dumps(rep.as_dict(), indent=2, ensure_ascii=False, allow_nan=False))
+    click.echo(rep.table())
     if not rep.passed:
         sys.exit(EXIT_FAIL)
 
@@ -376,7 +472,7 @@ def demo(workdir: Path | None) -> None:
 
 
 def main() -> None:
-    cli(prog_name="mtool")
+    cli.main(prog_name="mtool")
 
 
 if __name__ == "__main__":

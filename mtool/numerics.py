@@ -23,3 +23,13 @@ def scan_values(t: torch.Tensor) -> tuple[bool, float]:
             return False, float("inf")
         amax = max(amax, -lo, hi)
     return True, amax
+
+
+def check_finite(t: torch.Tensor, name: str) -> float:
+    """max |value| of a float tensor; InputError naming it when any value is NaN or Inf."""
+    from .errors import InputError
+
+    finite, amax = scan_values(t)
+    if not finite:
+        raise InputError(f"tensor {name} contains NaN or Inf values")
+    return amax

@@ -67,8 +67,9 @@ def test_inspect_gguf_and_hf(gqa_model, q8):
     r = CliRunner().invoke(cli, ["inspect", str(q8), "--json"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
-    assert s["architecture"] == "llama" and s["vocab"] == 700
-    assert s["tensor types"]["Q8_0"] == 2 * 7 + 2 and s["tensor types"]["F32"] == 5
+    assert s["architecture"] == "llama" and s["vocab_size"] == 700 and s["file_type"] == "q8_0"
+    assert s["tensor_types"]["Q8_0"] == 2 * 7 + 2 and s["tensor_types"]["F32"] == 5
+    assert isinstance(s["parameters"], int) and isinstance(s["size_mb"], float)
     assert s["metadata"]["llama.attention.head_count_kv"] == 2
     r = CliRunner().invoke(cli, ["inspect", str(gqa_model)])
     assert r.exit_code == 0 and "LlamaForCausalLM" in r.output and "sentencepiece" in r.output

@@ -67,11 +67,17 @@ def test_unnormalized_and_recipe_recorded(three, tmp_path):
     k = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(m[k], a[k].float() + b[k].float(), rtol=1e-6, atol=1e-7)
     recipe = json.loads((out / "mtool_merge.json").read_text())
-    assert recipe["method"] == "linear" and recipe["weights"] == [1.0, 1.0] and recipe["normalize"] is False
+    assert recipe["method"] == "linear" and [m["weight"] for m in recipe["models"]] == [1.0, 1.0]
+    assert recipe["parameters"]["normalize"] is False
     assert "mtool merge" in (out / "README.md").read_text()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["mtool_merge"])["sources"] == [str(three[0]), str(three[1])]
+        assert [m["model"] for m in json.loads(f.metadata()["mtool_merge"])["models"]] == [str(three[0]), str(three[1])]
     assert (out / "tokenizer.model").read_bytes() == (three[0] / "tokenizer.model").read_bytes()
+    # the record is a config: replaying it gives the same weights
+    replay = tmp_path / "replay"
+    _merge(["--config", out / "mtool_merge.json", "-o", replay])
+    r = _sd(replay)
+    assert r.keys() == m.keys() and all(torch.equal(r[n], m[n]) for n in m)
 
 
 def test_slerp_endpoints_and_midpoint(three, tmp_path):

@@ -19,14 +19,13 @@ import gguf
 import numpy as np
 import torch
 
-from ..errors import MtoolError
-from ..outputs import check_free_space, check_output_path, commit_files, staging_dir
+from ..errors import InputError, MtoolError, UsageError
+from ..numerics import F16_MAX, check_finite
+from ..outputs import check_output_path, commit_files, output_transaction
 from .canonical import CanonicalModel, LazyTensor, rope_settings
-from ..numerics import F16_MAX, scan_values
 from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
 from .gguf_vocab import apply_recipe, build_vocab
 
-HEADER_ALLOWANCE = 64 * 2**20  # vocab + metadata + alignment, for the free-space check
 PREPARE_WORKERS = 2  # tensors encoded concurrently (each holds one tensor in memory)
 INFLIGHT_BYTES = 256 * 2**20  # encoded bytes queued ahead of the writer
 
@@ -161,11 +160,9 @@ def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q):
         raise MtoolError(f"tensor {lt.name}: read shape {list(t.shape)}, header said {list(lt.shape)}")
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise MtoolError(f"tensor {lt.name} has dtype {t.dtype}; only f32/f16/bf16 sources are supported")
-    finite, amax = scan_values(t)
-    if not finite:
-        raise MtoolError(f"tensor {lt.name} contains NaN or Inf values")
+    amax = check_finite(t, lt.name)
     if qtype == Q.F16 and amax > F16_MAX:
-        raise MtoolError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
+        raise InputError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
     return encode(_transform(model, lt.name, t), qtype)
 
 
@@ -196,10 +193,13 @@ def export_gguf(
 ) -> GGUFResult:
     """Write `model` as GGUF at `out` (or as split shards next to it)."""
     if outtype not in OUTTYPES:
-        raise MtoolError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+        raise UsageError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
     out = Path(out)
+    if out.suffix != ".gguf":
+        raise UsageError(f"GGUF output {out} must end in .gguf")
     old_shards = shard_paths(out)
-    check_output_path(out, force=force, sources=[model.source], related=old_shards)
+    sources = [model.source, model.tokenizer_dir]
+    check_output_path(out, force=force, sources=sources, related=old_shards)
     t0 = time.perf_counter()
     planned, notes = plan_tensors(model, outtype)
     vocab = build_vocab(model.tokenizer_dir, model.vocab_size)
@@ -208,9 +208,11 @@ def export_gguf(
         apply_recipe(vocab, recipe)
     notes = model.notes + vocab.notes + notes
     total_out = sum(p.nbytes for p in planned)
-    check_free_space(out.parent, total_out + HEADER_ALLOWANCE)
+    n_files = 1 if not split_max_size else max(1, -(-total_out // split_max_size)) + 1
+    needed = total_out + vocab.nbytes_estimate() + 96 * len(planned) + 64 * 1024 * n_files
 
-    with staging_dir(out) as tmp:
+    with output_transaction(out, force=force, sources=sources, related=old_shards, needed_bytes=needed) as tx:
+        tmp = tx.dir
         w = gguf.GGUFWriter(tmp / out.name, "llama", split_max_size=split_max_size)
         _add_metadata(w, model, outtype, name or model.source.name)
         vocab.add_to(w)

@@ -10,6 +10,7 @@ from `gguf.SpecialVocab`, the same reader llama.cpp's converter uses.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,12 @@ class GGUFVocab:
     special: gguf.SpecialVocab
     add_space_prefix: bool | None = None
     notes: list[str] = field(default_factory=list)
+
+    def nbytes_estimate(self) -> int:
+        """Bytes the tokenizer section takes in the GGUF (for the free-space check)."""
+        merges = sum(len(m) + 8 for m in (self.special.merges or []))
+        template = len((self.special.chat_template or "").encode()) if isinstance(self.special.chat_template, str) else 0
+        return sum(len(t) + 8 for t in self.tokens) + 8 * len(self.tokens) + merges + template + 4096
 
     def add_to(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -131,16 +138,10 @@ def _space_prefix(tok_dir: Path, proto_default: bool) -> bool:
     if not tj.is_file():
         return proto_default
     tokenizer = json.loads(tj.read_text(encoding="utf-8"))
-
-    def walk(node: dict | None, key: str) -> list[dict]:
-        if not node:
-            return []
-        return [x for child in node.get(key, []) for x in walk(child, key)] if node.get("type") == "Sequence" else [node]
-
-    for n in walk(tokenizer.get("normalizer"), "normalizers"):
+    for n in _walk(tokenizer.get("normalizer"), "normalizers"):
         if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
             return True
-    for p in walk(tokenizer.get("pre_tokenizer"), "pretokenizers"):
+    for p in _walk(tokenizer.get("pre_tokenizer"), "pretokenizers"):
         if p.get("type") == "Metaspace":
             return p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never") != "never"
     return False
@@ -169,7 +170,8 @@ def _bpe_pre(tokenizer: dict) -> str:
             if regex in _PRE_BY_REGEX:
                 return _PRE_BY_REGEX[regex]
     raise MtoolError(
-        f"unsupported BPE pre-tokenizer {kinds}: llama.cpp would split text differently than the HF tokenizer"
+        f"tokenizer.json: byte-level BPE with pre-tokenizer {kinds} has no llama.cpp equivalent mtool knows "
+        f"(supported: GPT-2, Llama 3 and Qwen2 splits, and SentencePiece-style '\u2581' tokenizers)"
     )
 
 
@@ -196,12 +198,118 @@ def _bpe_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
     return GGUFVocab("gpt2", pre, tokens, scores, types, special)
 
 
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def _walk(node: dict | None, key: str) -> list[dict]:
+    """The leaves of a tokenizer.json normalizer / pre_tokenizer (Sequence nodes flattened)."""
+    if not node:
+        return []
+    return [x for child in node.get(key, []) for x in _walk(child, key)] if node.get("type") == "Sequence" else [node]
+
+
+def is_sentencepiece_json(tokenizer: dict) -> bool:
+    """A tokenizer.json of the SentencePiece family (Llama-2 / Mistral / Yi shape): BPE with byte
+    fallback over '▁'-escaped text, as Hub repos ship it and transformers v5 saves it, rather than
+    byte-level BPE (GPT-2 / Llama 3 / Qwen2)."""
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE":
+        return False
+    escapes = any(n.get("type") == "Replace" and (n.get("pattern") or {}).get("String") == " "
+                  and n.get("content") == "\u2581" for n in _walk(tokenizer.get("normalizer"), "normalizers"))
+    escapes |= any(p.get("type") == "Metaspace" for p in _walk(tokenizer.get("pre_tokenizer"), "pretokenizers"))
+    return escapes and (bool(model.get("byte_fallback")) or "<0x00>" in (model.get("vocab") or {}))
+
+
+def merge_pairs(merges: list) -> list[tuple[str, str]]:
+    """tokenizer.json merges in either spelling ("a b" strings or [a, b] pairs)."""
+    out = []
+    for m in merges:
+        if isinstance(m, str):
+            a, _, b = m.partition(" ")
+        else:
+            a, b = m
+        out.append((a, b))
+    return out
+
+
+def merge_scores(merges: list[tuple[str, str]]) -> dict[str, float]:
+    """SentencePiece-style scores that make llama.cpp merge in the tokenizer's own order.
+
+    llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose concatenation is the
+    vocabulary piece of highest score (leftmost on ties); HF's BPE merges the pair of lowest
+    rank. A token's score is minus the rank of the first merge that produces it, so the two
+    agree. (Token ids, which llama.cpp's converter falls back to, order merges wrongly.)"""
+    scores: dict[str, float] = {}
+    for rank, (a, b) in enumerate(merges):
+        scores.setdefault(a + b, -float(rank))
+    return scores
+
+
+def _sentencepiece_json_vocab(tok_dir: Path, tokenizer: dict, vocab_size: int) -> GGUFVocab:
+    """GGUF "llama" vocabulary from a SentencePiece-family tokenizer.json without tokenizer.model."""
+    model = tokenizer["model"]
+    vocab: dict[str, int] = model.get("vocab") or {}
+    scores_by_piece = merge_scores(merge_pairs(model.get("merges") or []))
+    unk = model.get("unk_token")
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [PAD_SCORE] * vocab_size
+    types = [TT.UNUSED] * vocab_size
+    unmerged = 0
+    for piece, tid in vocab.items():
+        if tid >= vocab_size:
+            raise MtoolError(f"token {piece!r} has id {tid} beyond the embedding rows (vocab_size {vocab_size})")
+        tokens[tid] = piece.encode("utf-8")
+        if piece == unk:
+            types[tid], scores[tid] = TT.UNKNOWN, 0.0
+        elif _BYTE_PIECE.match(piece):
+            types[tid], scores[tid] = TT.BYTE, 0.0
+        else:
+            types[tid] = TT.NORMAL
+            # single characters are never merge results, so their score is never compared
+            scores[tid] = scores_by_piece.get(piece, 0.0 if len(piece) == 1 else PAD_SCORE)
+            unmerged += len(piece) > 1 and piece not in scores_by_piece
+    for tid, (content, special) in sorted(_added_tokens(tok_dir).items()):
+        if tid >= vocab_size:
+            raise MtoolError(f"added token {content!r} has id {tid} beyond the embedding rows (vocab_size {vocab_size})")
+        if tid in vocab.values() and content == unk:
+            continue
+        tokens[tid] = content.encode("utf-8")
+        scores[tid] = ADDED_TOKEN_SCORE if tokens[tid] != (unk or "").encode() else 0.0
+        types[tid] = TT.CONTROL if special else TT.USER_DEFINED
+    notes = [f"vocab: SentencePiece-style tokenizer.json without tokenizer.model ({len(vocab)} pieces); "
+             f"scores derived from its merge order"]
+    if unmerged:
+        notes.append(f"vocab: {unmerged} multi-character pieces are produced by no merge (kept, lowest score)")
+    special = _special_vocab(tok_dir, vocab_size, merges=False, default_add_bos=_json_adds_bos(tok_dir))
+    return GGUFVocab("llama", "default", tokens, scores, types, special,
+                     add_space_prefix=_space_prefix(tok_dir, True), notes=notes)
+
+
+def _json_adds_bos(tok_dir: Path) -> bool | None:
+    """Whether tokenizer.json's post-processor puts BOS first, observed with the tokenizers library."""
+    from tokenizers import Tokenizer
+
+    try:
+        tk = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
+        raise MtoolError(f"{tok_dir}/tokenizer.json cannot be loaded by the tokenizers library") from None
+    ids = tk.encode("a").ids
+    specials = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+    return bool(ids) and tk.id_to_token(ids[0]) in specials
+
+
 def build_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
     """The GGUF vocabulary for the tokenizer files in `tok_dir`."""
     tok_dir = Path(tok_dir)
     if (tok_dir / "tokenizer.model").is_file():
         return _sentencepiece_vocab(tok_dir, vocab_size)
     if (tok_dir / "tokenizer.json").is_file():
+        from ..checkpoint import read_json
+
+        tokenizer = read_json(tok_dir / "tokenizer.json")
+        if is_sentencepiece_json(tokenizer):
+            return _sentencepiece_json_vocab(tok_dir, tokenizer, vocab_size)
         return _bpe_vocab(tok_dir, vocab_size)
     raise MtoolError(f"{tok_dir} has no tokenizer.model or tokenizer.json; the GGUF needs a vocabulary")
 

@@ -88,5 +88,6 @@ def export_hf(model: CanonicalModel, out: Path, *, force: bool = False, max_shar
     tok_cfg, gen_cfg = _apply_recipe(model, config, native_tokenizer_config(model.tokenizer_dir), recipe)
     return write_hf_checkpoint(
         out, config, model.tensors, max_shard_bytes=max_shard_bytes, copy_from=model.tokenizer_dir,
-        tokenizer_config=tok_cfg, generation_config=gen_cfg, force=force, sources=(model.source,), progress=progress,
+        tokenizer_config=tok_cfg, generation_config=gen_cfg, force=force, sources=(model.source, model.tokenizer_dir),
+        progress=progress,
     )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +22,11 @@ from ..checkpoint import CheckpointReader, write_hf_checkpoint
 from ..convert.canonical import CanonicalModel, LazyTensor
 from ..convert.families import load_canonical
 from ..convert.hf_export import hf_config, native_tokenizer_config
-from ..errors import MtoolError
+from ..errors import InputError, MtoolError, UsageError
 from ..numerics import CHUNK_ELEMENTS, scan_values
 from .methods import METHODS, NEEDS_BASE, merge_tensor
 
+log = logging.getLogger("mtool")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # methods computed element by element, merged in row chunks of about this many elements
 ELEMENTWISE = {"linear", "task_arithmetic", "dare_linear"}
@@ -49,40 +51,83 @@ class MergeSpec:
     layout: str = "canonical"  # canonical (HF Llama/Mixtral names) | original (sources' own names)
     filters: list[dict] = field(default_factory=list)  # [{pattern, weights?, t?, density?}], first match wins
 
-    def as_recipe(self) -> dict:
-        d = asdict(self)
-        for k in ("sources", "base", "tokenizer_source"):
-            if d[k] is not None:
-                d[k] = [str(p) for p in d[k]] if isinstance(d[k], list) else str(d[k])
-        return d
+
+def _num(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{where} must be a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"{where} must be finite, got {value!r}")
+    return float(value)
 
 
 def spec_from_yaml(path: Path) -> MergeSpec:
-    """YAML form:  method, models: [{model, weight}], base, parameters: {normalize, t, density, lambda},
-    filters: [{pattern, weights, t, density}], dtype, seed, tokenizer_source, layout."""
+    """YAML (or JSON) form:  method, models: [{model, weight}], base, parameters: {normalize, t,
+    density, lambda}, filters: [{pattern, weights, t, density}], dtype, seed, tokenizer_source,
+    layout. Relative paths are relative to the config file. `mtool_merge.json` has this form."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise MtoolError(f"cannot read merge config {path}: {e}") from None
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"merge config {path} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"cannot read merge config {path}: {' '.join(str(e).split())[:200]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"merge config {path} must be a mapping of fields, not {type(data).__name__}")
     known = {"method", "models", "base", "parameters", "filters", "dtype", "seed", "tokenizer_source", "layout"}
     if set(data) - known:
-        raise MtoolError(f"merge config {path}: unknown field {sorted(set(data) - known)[0]!r}")
+        raise InputError(f"merge config {path}: unknown field {sorted(set(data) - known)[0]!r}")
     models = data.get("models") or []
-    if not all(isinstance(m, dict) and "model" in m for m in models):
-        raise MtoolError(f"merge config {path}: 'models' must be a list of {{model: PATH, weight: W}}")
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("model"), str) for m in models):
+        raise InputError(f"merge config {path}: 'models' must be a list of {{model: PATH, weight: W}}")
     root = Path(path).parent
     params = data.get("parameters") or {}
-    weights = [float(m["weight"]) for m in models] if all("weight" in m for m in models) else None
+    if not isinstance(params, dict):
+        raise InputError(f"merge config {path}: 'parameters' must be a mapping")
+    weights = ([_num(m["weight"], f"merge config {path}: weight of {m['model']}") for m in models]
+               if all("weight" in m for m in models) else None)
+    filters = data.get("filters") or []
+    if not isinstance(filters, list) or not all(isinstance(f, dict) for f in filters):
+        raise InputError(f"merge config {path}: 'filters' must be a list of {{pattern, weights, t, density}}")
+
+    def rel(p: str) -> Path:
+        if not isinstance(p, str):
+            raise InputError(f"merge config {path}: expected a path, got {p!r}")
+        return (root / p).resolve() if not Path(p).is_absolute() else Path(p)
+
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"merge config {path}: seed must be an integer, got {seed!r}")
     return MergeSpec(
-        sources=[(root / m["model"]).resolve() if not Path(m["model"]).is_absolute() else Path(m["model"]) for m in models],
-        method=data.get("method", "linear"), weights=weights,
-        base=(root / data["base"]).resolve() if data.get("base") else None,
-        normalize=bool(params.get("normalize", True)), t=float(params.get("t", 0.5)),
-        density=float(params.get("density", 0.5)), lam=float(params.get("lambda", 1.0)),
-        seed=int(data.get("seed", 0)), dtype=data.get("dtype"),
-        tokenizer_source=(root / data["tokenizer_source"]).resolve() if data.get("tokenizer_source") else None,
-        layout=data.get("layout", "canonical"), filters=list(data.get("filters") or []),
+        sources=[rel(m["model"]) for m in models],
+        method=str(data.get("method", "linear")), weights=weights,
+        base=rel(data["base"]) if data.get("base") else None,
+        normalize=bool(params.get("normalize", True)),
+        t=_num(params.get("t", 0.5), f"merge config {path}: parameters.t"),
+        density=_num(params.get("density", 0.5), f"merge config {path}: parameters.density"),
+        lam=_num(params.get("lambda", 1.0), f"merge config {path}: parameters.lambda"),
+        seed=seed, dtype=data.get("dtype"),
+        tokenizer_source=rel(data["tokenizer_source"]) if data.get("tokenizer_source") else None,
+        layout=str(data.get("layout", "canonical")), filters=list(filters),
     )
+
+
+def config_record(spec: MergeSpec) -> dict:
+    """The merge as a config that `mtool merge --config` replays (absolute paths)."""
+    rec: dict = {"method": spec.method,
+                 "models": [{"model": str(Path(p).resolve()), **({"weight": w} if spec.weights else {})}
+                            for p, w in zip(spec.sources, spec.weights or [None] * len(spec.sources))],
+                 "parameters": {"normalize": spec.normalize, "t": spec.t, "density": spec.density, "lambda": spec.lam},
+                 "seed": spec.seed, "layout": spec.layout}
+    if spec.base is not None:
+        rec["base"] = str(Path(spec.base).resolve())
+    if spec.dtype is not None:
+        rec["dtype"] = spec.dtype
+    if spec.tokenizer_source is not None:
+        rec["tokenizer_source"] = str(Path(spec.tokenizer_source).resolve())
+    if spec.filters:
+        rec["filters"] = spec.filters
+    return rec
 
 
 def _tokenizer_fingerprint(d: Path) -> str | None:
@@ -135,10 +180,25 @@ def _check(spec: MergeSpec) -> None:
     if spec.dtype is not None and spec.dtype not in DTYPES:
         raise MtoolError(f"unknown dtype {spec.dtype!r} (choose from {', '.join(DTYPES)})")
     for f in spec.filters:
-        if "pattern" not in f:
-            raise MtoolError("every filter needs a 'pattern' (a regular expression on tensor names)")
-        if "weights" in f and len(f["weights"]) != len(spec.sources):
-            raise MtoolError(f"filter {f['pattern']!r}: {len(f['weights'])} weights for {len(spec.sources)} sources")
+        if not isinstance(f.get("pattern"), str):
+            raise UsageError("every filter needs a 'pattern' (a regular expression on tensor names)")
+        try:
+            re.compile(f["pattern"])
+        except re.error as e:
+            raise UsageError(f"filter pattern {f['pattern']!r} is not a valid regular expression: {e}") from None
+        unknown = set(f) - {"pattern", "weights", "t", "density"}
+        if unknown:
+            raise UsageError(f"filter {f['pattern']!r}: unknown field {sorted(unknown)[0]!r}")
+        if "weights" in f:
+            if not isinstance(f["weights"], list) or len(f["weights"]) != len(spec.sources):
+                raise UsageError(f"filter {f['pattern']!r}: weights must be a list of {len(spec.sources)} numbers")
+            for w in f["weights"]:
+                _num(w, f"filter {f['pattern']!r}: weight")
+        for key in ("t", "density"):
+            if key in f:
+                _num(f[key], f"filter {f['pattern']!r}: {key}")
+    for w in spec.weights or []:
+        _num(w, "weight")
 
 
 def _compare(sources: list[_Source], layout: str) -> None:
@@ -165,11 +225,19 @@ def plan_merge(spec: MergeSpec) -> tuple[list[LazyTensor], dict, Path, list[str]
     paths = list(spec.sources) + ([spec.base] if spec.base is not None else [])
     for p in paths:
         if not Path(p).is_dir():
-            raise MtoolError(f"source {p} is not a model directory")
+            raise InputError(f"source {p} is not a model directory")
+    notes: list[str] = []
+    resolved = [Path(p).resolve() for p in spec.sources]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            notes.append(f"{spec.sources[i]} is merged with itself (it appears more than once among the sources)")
+        if spec.base is not None and p == Path(spec.base).resolve():
+            notes.append(f"{spec.sources[i]} is also the base: its task vector is zero")
+    if any(w < 0 for w in spec.weights or []):
+        notes.append(f"negative weights {[w for w in spec.weights if w < 0]}: the merge subtracts those models")
     sources = [_open(Path(p), spec.layout) for p in spec.sources]
     base = _open(Path(spec.base), spec.layout) if spec.base is not None else None
     _compare(sources + ([base] if base else []), spec.layout)
-    notes: list[str] = []
     tok_dir = Path(spec.tokenizer_source) if spec.tokenizer_source else (base or sources[0]).path
     if spec.tokenizer_source is None:
         prints = {s.path: _tokenizer_fingerprint(s.path) for s in sources + ([base] if base else [])}
@@ -229,17 +297,20 @@ def plan_merge(spec: MergeSpec) -> tuple[list[LazyTensor], dict, Path, list[str]
 def run_merge(spec: MergeSpec, out: Path, *, force: bool = False, max_shard_bytes: int = 5 * 1000**3,
               progress: bool = True) -> Path:
     """Plan (with all checks), then stream the merge into an HF checkpoint at `out`."""
-    tensors, config, tok_dir, _ = plan_merge(spec)
-    recipe = spec.as_recipe()
+    tensors, config, tok_dir, notes = plan_merge(spec)
+    for n in notes:
+        log.warning(n)
+    recipe = config_record(spec)
     tok_cfg = native_tokenizer_config(tok_dir) if spec.layout == "canonical" else None
     first = Path(spec.sources[0])
     extra = {p.name: p.read_bytes() for p in first.glob(f"*{REMOTE_CODE_SUFFIX}")} if spec.layout == "original" else {}
-    readme = ("# Merged model\n\nMade with `mtool merge`. Recipe:\n\n```yaml\n"
-              + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True) + "```\n")
+    readme = ("# Merged model\n\nMade with `mtool merge`. Replay with `mtool merge --config mtool_merge.json -o OUT`."
+              " Recipe:\n\n```yaml\n" + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True) + "```\n")
     extra["README.md"] = readme.encode()
     extra["mtool_merge.json"] = json.dumps(recipe, indent=2).encode()
     return write_hf_checkpoint(
         out, config, tensors, max_shard_bytes=max_shard_bytes, copy_from=tok_dir, tokenizer_config=tok_cfg,
-        force=force, sources=tuple(Path(p) for p in spec.sources) + ((Path(spec.base),) if spec.base else ()),
+        force=force, sources=tuple(Path(p) for p in spec.sources) + ((Path(spec.base),) if spec.base else ())
+        + ((Path(spec.tokenizer_source),) if spec.tokenizer_source else ()),
         progress=progress, extra_files=extra, metadata={"mtool_merge": json.dumps(recipe)},
     )

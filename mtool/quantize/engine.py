@@ -18,6 +18,7 @@ import torch
 
 from ..convert.canonical import CanonicalModel
 from ..errors import MtoolError
+from ..numerics import check_finite
 from .gptq import Hessian, grid, gptq, quantize_codes, rtn
 
 # true-sequential order inside a Llama layer
@@ -79,7 +80,7 @@ class LayerRunner:
         self.config = hf_config_object(model)
         self.by_name = {t.name: t for t in model.tensors}
         dev = settings.device
-        emb = self.by_name["model.embed_tokens.weight"].load().to(torch.float32)
+        emb = _checked(self.by_name["model.embed_tokens.weight"])
         self.x = emb[ids].to(dev)  # [n, seq, hidden]
         del emb
         rot = LlamaRotaryEmbedding(self.config).to(dev)
@@ -92,7 +93,7 @@ class LayerRunner:
 
         layer = (MixtralDecoderLayer if self.moe else LlamaDecoderLayer)(self.config, i)
         prefix = f"model.layers.{i}."
-        sd = {n[len(prefix):]: t.load().to(torch.float32) for n, t in self.by_name.items() if n.startswith(prefix)}
+        sd = {n[len(prefix):]: _checked(t) for n, t in self.by_name.items() if n.startswith(prefix)}
         if self.moe:  # canonical per-expert tensors -> the fused parameters of transformers' module
             e_n = self.config.num_local_experts
             p = "block_sparse_moe.experts"
@@ -137,6 +138,13 @@ class LayerRunner:
 
 class _StopForward(Exception):
     """Raised by a capture hook once the input it needs has been seen."""
+
+
+def _checked(t) -> torch.Tensor:
+    """A canonical tensor in float32, refused when it holds NaN/Inf (would quantize to garbage)."""
+    w = t.load()
+    check_finite(w, t.name)
+    return w.to(torch.float32)
 
 
 def _set_weight(layer, name: str, w: torch.Tensor) -> None:

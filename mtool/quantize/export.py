@@ -131,7 +131,8 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
     from ..outputs import check_output_path
 
     check_settings(model, settings, expert_naming)
-    check_output_path(Path(out), force=force, sources=[model.source])
+    inputs = (model.source, model.tokenizer_dir) + ((Path(calib),) if calib else ())
+    check_output_path(Path(out), force=force, sources=inputs)
     ids = calibration_ids(model.tokenizer_dir, calib, nsamples, seqlen, seed)
     report = QuantReport()
     t_start = time.perf_counter()
@@ -177,6 +178,6 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
     extra = {"quantize_config.json": json.dumps(qcfg, indent=2).encode()} if settings.method == "gptq" else {}
     report.out = write_hf_checkpoint(out, config, tensors, copy_from=model.tokenizer_dir,
                                      tokenizer_config=native_tokenizer_config(model.tokenizer_dir), force=force,
-                                     sources=(model.source,), progress=progress, extra_files=extra)
+                                     sources=inputs, progress=progress, extra_files=extra)
     report.seconds = time.perf_counter() - t_start
     return report

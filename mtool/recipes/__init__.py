@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import MtoolError
+from ..errors import InputError, MtoolError
 
 # adapter family names a recipe may name (telechat52b is a telechat)
 FAMILY_ALIASES = {"telechat52b": "telechat"}
@@ -55,12 +55,32 @@ def load_recipe(name_or_path: str) -> Recipe:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise MtoolError(f"recipe {name_or_path}: invalid YAML: {e}") from None
+        raise InputError(f"recipe {name_or_path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {name_or_path} must be a mapping of fields, not {type(data).__name__}")
     known = set(Recipe.__dataclass_fields__)
     unknown = set(data) - known
     if unknown:
         raise MtoolError(f"recipe {name_or_path}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(known))})")
     for key in ("name", "family"):
         if not data.get(key):
-            raise MtoolError(f"recipe {name_or_path}: field '{key}' is required")
+            raise InputError(f"recipe {name_or_path}: field '{key}' is required")
+    for key in ("name", "family", "description", "eos_token", "chat_template"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise InputError(f"recipe {name_or_path}: field '{key}' must be a string")
+    if not isinstance(data.get("artifacts", []), list):
+        raise InputError(f"recipe {name_or_path}: field 'artifacts' must be a list")
+    if data.get("chat_template"):
+        check_chat_template(data["chat_template"], f"recipe {name_or_path}: chat_template")
     return Recipe(**data)
+
+
+def check_chat_template(template: str, where: str) -> None:
+    """A chat template must compile in the sandboxed Jinja environment transformers renders it in."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(template)
+    except TemplateSyntaxError as e:
+        raise InputError(f"{where} is not a valid Jinja template (line {e.lineno}: {e.message})") from None

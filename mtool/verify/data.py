@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from ..errors import MtoolError
+from ..errors import InputError, MtoolError
 
 
 def builtin_text() -> str:
@@ -19,17 +19,31 @@ def load_text(path: str | Path | None) -> str:
         return builtin_text()
     p = Path(path)
     if not p.is_file():
-        raise MtoolError(f"data file {p} not found")
-    raw = p.read_text(encoding="utf-8")
+        raise InputError(f"data file {p} not found")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise InputError(f"data file {p} is binary, not text")
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"data file {p} is not UTF-8 text (byte {e.start})") from None
     if p.suffix == ".jsonl":
         import json
 
-        try:
-            raw = "\n".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
-        except (json.JSONDecodeError, KeyError) as e:
-            raise MtoolError(f"{p}: every JSONL line needs a 'text' field ({e})") from None
+        texts = []
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{p} line {n} is not JSON: {e.msg}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise InputError(f"{p} line {n} needs a string 'text' field")
+            texts.append(rec["text"])
+        raw = "\n".join(texts)
     if not raw.strip():
-        raise MtoolError(f"data file {p} is empty")
+        raise InputError(f"data file {p} is empty")
     return raw
 
 

@@ -25,10 +25,12 @@ class ParityAccumulator:
     top1_same: int = 0
     max_abs_dlogit: float = 0.0
     max_rel_err: float = 0.0
+    nonfinite_positions: int = 0  # candidate positions with a NaN/Inf logit: a failure by itself
 
     def add(self, ids: list[int], ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.shape != cand.shape:
             raise ValueError(f"logit shapes differ: reference {ref.shape}, candidate {cand.shape}")
+        self.nonfinite_positions += int((~np.isfinite(cand)).any(axis=-1).sum())
         lr, lc = _log_softmax(ref), _log_softmax(cand)
         self.kld.append((np.exp(lr) * (lr - lc)).sum(axis=-1))
         targets = np.asarray(ids[1:])
@@ -39,8 +41,9 @@ class ParityAccumulator:
         self.n_pos += len(ids)
         self.top1_same += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
-        self.max_abs_dlogit = max(self.max_abs_dlogit, float(diff.max()))
-        self.max_rel_err = max(self.max_rel_err, float(diff.max() / max(np.abs(ref).max(), 1e-30)))
+        # np.max propagates NaN, where the builtin max() would silently keep the old value
+        self.max_abs_dlogit = float(np.max([self.max_abs_dlogit, diff.max()]))
+        self.max_rel_err = float(np.max([self.max_rel_err, diff.max() / max(np.abs(ref).max(), 1e-30)]))
 
     def result(self) -> dict:
         kld = np.concatenate(self.kld)
@@ -57,4 +60,16 @@ class ParityAccumulator:
             "top1_agreement": self.top1_same / self.n_pos,
             "max_abs_dlogit": self.max_abs_dlogit,
             "max_rel_err": self.max_rel_err,
+            "nonfinite_positions": self.nonfinite_positions,
         }
+
+
+def json_safe(value):
+    """NaN/Inf -> None recursively, so a report is valid JSON (json.dumps would write NaN)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

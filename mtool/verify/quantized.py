@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointReader
+from ..device import resolve_device
 from ..errors import MtoolError
 from ..quantize.packing import dequantize_awq, dequantize_gptq
 
@@ -74,8 +75,6 @@ class QuantizedRunner:
 
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM
-
-        from .runners import resolve_device
 
         self.device = resolve_device(device)
         config, sd = dequantized_state_dict(path)

@@ -9,12 +9,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import MtoolError
+import numpy as np
+
+from ..errors import InputError, MtoolError, VerifySetupError
+from ..gguf_file import gguf_metadata, is_gguf
 from .data import load_text, token_windows
-from .metrics import ParityAccumulator
-from .runners import HFRunner, gguf_metadata, is_gguf, open_candidate
+from .metrics import ParityAccumulator, json_safe
+from .reftok import ReferenceTokenizer, compare_tokenization
+from .runners import HFRunner, open_candidate
 from .thresholds import FILE_TYPE_NAMES, Thresholds, defaults_for
 
+# Fewer scored positions than this cannot support a verdict (KLD and top-1 of a handful of
+# tokens say nothing about a model).
+MIN_SCORED_POSITIONS = 64
 
 @dataclass
 class VerifyReport:
@@ -33,11 +40,12 @@ class VerifyReport:
         return not self.failures
 
     def as_dict(self) -> dict:
-        return {
+        """The report as JSON-safe data (NaN/Inf metrics become null)."""
+        return json_safe({
             "ref": self.ref, "cand": self.cand, "ref_runner": self.ref_runner, "cand_runner": self.cand_runner,
             "artifact_type": self.artifact_type, "metrics": self.metrics, "tokenization": self.tokenization,
             "thresholds": self.thresholds, "passed": self.passed, "failures": self.failures,
-        }
+        })
 
     def table(self) -> str:
         m, t = self.metrics, self.thresholds
@@ -55,6 +63,7 @@ class VerifyReport:
             ("max rel. error", f"{m['max_rel_err']:.3e}", ""),
             ("tokenization", self.tokenization["summary"], "must match" if self.tokenization.get("checked") else ""),
         ]
+        rows += [("note", n, "") for n in self.tokenization.get("notes", [])]
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
         lines = [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
@@ -66,23 +75,11 @@ def _artifact_type(cand: Path) -> str:
     if is_gguf(cand):
         ft = gguf_metadata(cand).get("general.file_type")
         return FILE_TYPE_NAMES.get(ft, f"gguf-ftype-{ft}")
-    cfg = json.loads((cand / "config.json").read_text()) if (cand / "config.json").is_file() else {}
+    from ..checkpoint import read_json
+
+    cfg = read_json(cand / "config.json") if (cand / "config.json").is_file() else {}
     q = cfg.get("quantization_config")
     return "f32" if not q else f"{q.get('quant_method', 'quantized')}-{q.get('bits', '?')}bit"
-
-
-def _tokenization_check(tok, text: str, cand_runner) -> dict:
-    ref_ids = tok(text)["input_ids"]
-    if not hasattr(cand_runner, "tokenize"):
-        return {"checked": False, "summary": "same tokenizer (HF candidate)"}
-    cand_ids = cand_runner.tokenize(text)
-    if cand_ids == ref_ids:
-        return {"checked": True, "match": True, "summary": f"identical ({len(ref_ids)} tokens)", "tokens": len(ref_ids)}
-    first = next((i for i, (a, b) in enumerate(zip(ref_ids, cand_ids)) if a != b), min(len(ref_ids), len(cand_ids)))
-    return {
-        "checked": True, "match": False, "first_mismatch": first, "ref_tokens": len(ref_ids), "cand_tokens": len(cand_ids),
-        "summary": f"DIFFERS at token {first} (HF {ref_ids[first:first + 4]} vs candidate {cand_ids[first:first + 4]})",
-    }
 
 
 @contextlib.contextmanager
@@ -94,7 +91,9 @@ def canonical_reference(ref: Path) -> Iterator[Path]:
     is loaded into memory before that)."""
     from ..convert.families import NATIVE, load_canonical
 
-    archs = set(json.loads((ref / "config.json").read_text()).get("architectures") or []) if (ref / "config.json").is_file() else set()
+    from ..checkpoint import read_json
+
+    archs = set(read_json(ref / "config.json").get("architectures") or []) if (ref / "config.json").is_file() else set()
     if archs & NATIVE or not archs:
         yield ref
         return
@@ -117,45 +116,87 @@ def run_verify(
     overrides: dict | None = None,
     allow_token_mismatch: bool = False,
     threads: int | None = None,
+    progress: bool = False,
 ) -> VerifyReport:
-    """Run both models on the same windows of `data` and judge the candidate."""
-    from transformers import AutoTokenizer
+    """Run both models on the same windows of `data` and judge the candidate.
 
+    Errors (exit 2) are raised for what prevents a verdict: unreadable inputs, too little
+    text, a reference that computes NaN. A candidate that computes NaN is a FAIL."""
     ref, cand = Path(ref), Path(cand)
+    if ctx < 16:
+        raise VerifySetupError(f"--ctx {ctx} is too small; use at least 16 tokens per window")
+    if max_windows < 1:
+        raise VerifySetupError(f"--max-windows must be at least 1, got {max_windows}")
     if not ref.is_dir():
-        raise MtoolError(f"reference {ref} must be a Hugging Face model directory")
+        raise InputError(f"reference {ref} must be a Hugging Face model directory")
     if not cand.exists():
-        raise MtoolError(f"candidate {cand} does not exist")
+        raise InputError(f"candidate {cand} does not exist")
     text = load_text(data)
     with canonical_reference(ref) as ref_dir:
         ref_runner = HFRunner(ref_dir, device)
-        tok = AutoTokenizer.from_pretrained(str(ref_dir))
+        ref_tok = ReferenceTokenizer.open(ref_dir)
     ctx = min(ctx, ref_runner.n_ctx)
-    ids = tok(text)["input_ids"]
-    bos = tok.bos_token_id if (ids and tok.bos_token_id is not None and ids[0] == tok.bos_token_id) else None
+    if ctx < 16:
+        raise VerifySetupError(f"the reference's context ({ref_runner.n_ctx} tokens) is too short to verify with")
+    ids = ref_tok.encode(text)
+    bos = ref_tok.bos_id if (ids and ref_tok.bos_id is not None and ids[0] == ref_tok.bos_id) else None
     windows = token_windows(ids, ctx, max_windows, bos)
+    scored = sum(len(w) - 1 for w in windows)
+    if scored < MIN_SCORED_POSITIONS:
+        raise VerifySetupError(
+            f"only {scored} positions to score ({len(windows)} window(s) of up to {ctx} tokens from "
+            f"{data or 'the built-in text'}); need at least {MIN_SCORED_POSITIONS}: give more --data text, "
+            f"a larger --ctx or more --max-windows")
     cand_runner = open_candidate(cand, n_ctx=ctx, device=device, threads=threads)
     if cand_runner.vocab_size != ref_runner.vocab_size:
-        raise MtoolError(
+        raise VerifySetupError(
             f"vocab sizes differ: reference {ref_runner.vocab_size}, candidate {cand_runner.vocab_size}"
         )
     acc = ParityAccumulator()
-    for w in windows:
-        acc.add(w, ref_runner.logits(w), cand_runner.logits(w))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(windows), desc="verify windows", unit="window", leave=False)
+    for i, w in enumerate(windows):
+        ref_logits = ref_runner.logits(w)
+        if not np.isfinite(ref_logits).all():
+            raise VerifySetupError(f"the reference {ref} computes NaN/Inf logits (window {i}); "
+                                   f"its weights or config are broken, so nothing can be verified against it")
+        acc.add(w, ref_logits, cand_runner.logits(w))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
     metrics = acc.result()
-    tokenization = _tokenization_check(tok, text, cand_runner)
+    tokenization = compare_tokenization(ref_tok, text, cand, cand_runner)
     kind = _artifact_type(cand)
     th = (thresholds or defaults_for(kind)).as_dict()
     th.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    failures = judge(metrics, th)
+    if tokenization.get("checked") and not tokenization["match"] and not allow_token_mismatch:
+        failures.append("tokenization differs from the reference tokenizer")
+    return VerifyReport(
+        str(ref), str(cand), ref_runner.label, cand_runner.label, kind, metrics, tokenization, th, failures
+    )
+
+
+def judge(metrics: dict, th: dict) -> list[str]:
+    """Failure reasons of `metrics` against thresholds `th`; non-finite values always fail
+    (a NaN compares false with every threshold, so it is checked first)."""
+    if metrics.get("nonfinite_positions"):
+        return [f"candidate computes NaN/Inf logits at {metrics['nonfinite_positions']} of "
+                f"{metrics['positions']} positions"]
     failures = []
+    for key in ("kld_mean", "top1_agreement", "ppl_ratio"):
+        if not np.isfinite(metrics[key]):
+            failures.append(f"{key} is not finite")
+    if failures:
+        return failures
     if metrics["kld_mean"] > th["max_kld"]:
         failures.append(f"mean KLD {metrics['kld_mean']:.3e} > {th['max_kld']:.0e}")
     if metrics["top1_agreement"] < th["min_top1"]:
         failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {th['min_top1']}")
     if metrics["ppl_ratio"] > th["max_ppl_ratio"]:
         failures.append(f"PPL ratio {metrics['ppl_ratio']:.5f} > {th['max_ppl_ratio']}")
-    if tokenization.get("checked") and not tokenization["match"] and not allow_token_mismatch:
-        failures.append("tokenization differs from the HF tokenizer")
-    return VerifyReport(
-        str(ref), str(cand), ref_runner.label, cand_runner.label, kind, metrics, tokenization, th, failures
-    )
+    return failures

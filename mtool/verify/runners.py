@@ -7,22 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MtoolError
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda when torch sees a GPU, else cpu."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MtoolError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
-
-
-def is_gguf(path: Path) -> bool:
-    return Path(path).is_file() and Path(path).suffix == ".gguf"
+from ..device import resolve_device
+from ..errors import InputError, MtoolError
+from ..gguf_file import is_gguf, open_gguf
 
 
 class HFRunner:
@@ -52,24 +39,6 @@ class HFRunner:
         return out.float().cpu().numpy()
 
 
-def gguf_metadata(path: Path) -> dict:
-    """Scalar metadata of a GGUF file (arrays such as the vocab are summarized by length)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    meta: dict = {}
-    for key, f in reader.fields.items():
-        if not f.types:
-            continue
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            meta[key] = f"[{len(f.data)} items]"
-        elif f.types[0] == gguf.GGUFValueType.STRING:
-            meta[key] = bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-        else:
-            meta[key] = f.parts[f.data[0]].tolist()[0]
-    return meta
-
-
 class LlamaCppRunner:
     """llama.cpp through llama-cpp-python, with an f32 KV cache so parity is not masked by cache rounding."""
 
@@ -81,12 +50,16 @@ class LlamaCppRunner:
         except ImportError:
             raise MtoolError("llama-cpp-python is not installed; it is needed to run GGUF files") from None
         self.path = Path(path)
+        open_gguf(self.path)  # garbage or truncated files: one clear line, not llama.cpp's abort
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        self.llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-            type_k=0, type_v=0, n_gpu_layers=-1 if gpu else 0, verbose=False, seed=0,
-            n_threads=threads or max(1, os.cpu_count() or 1),
-        )
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                type_k=0, type_v=0, n_gpu_layers=-1 if gpu else 0, verbose=False, seed=0,
+                n_threads=threads or max(1, os.cpu_count() or 1),
+            )
+        except ValueError as e:
+            raise InputError(f"llama.cpp cannot load {path}: {e}") from None
         self.vocab_size = int(self.llm.n_vocab())
         self.label = f"llama.cpp ({'gpu offload' if gpu else 'cpu'}, f32 KV)"
 

@@ -19,20 +19,24 @@ split it into. Here:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import TOKENIZER_FILES, write_hf_checkpoint
+from ..checkpoint import TOKENIZER_FILES, read_json, write_hf_checkpoint
 from ..convert.canonical import LazyTensor
 from ..convert.families import load_canonical
+from ..convert.gguf_vocab import is_sentencepiece_json
 from ..convert.hf_export import hf_config
-from ..errors import MtoolError
+from ..errors import InputError, MtoolError, UsageError
 
 INITS = ("subword-mean", "mean", "normal")
+_BYTE_TEXT = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPM_SPACE = "\u2581"
 
 
@@ -40,6 +44,7 @@ SPM_SPACE = "\u2581"
 class ExtendReport:
     added: list[str] = field(default_factory=list)
     intermediate: list[str] = field(default_factory=list)
+    characters: list[str] = field(default_factory=list)  # characters the old vocabulary lacked
     special: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     existing: list[str] = field(default_factory=list)
@@ -51,6 +56,7 @@ class ExtendReport:
     def summary(self) -> str:
         lines = [f"vocab {self.old_vocab} -> {self.new_vocab}: {len(self.added)} tokens added"
                  + (f" (+{len(self.intermediate)} intermediate pieces that make them reachable)" if self.intermediate else "")
+                 + (f" (+{len(self.characters)} characters the old vocabulary lacked)" if self.characters else "")
                  + (f", {len(self.special)} special" if self.special else "")
                  + (f", {self.padding} padding rows" if self.padding else "")]
         if self.duplicates:
@@ -60,20 +66,45 @@ class ExtendReport:
         return "\n".join(lines)
 
 
+# Longer "tokens" are sentences, not vocabulary: each would add a chain of up to this many
+# intermediate pieces (a 5,000-character line once grew a 700-piece vocabulary to 4,451).
+MAX_TOKEN_CHARS = 32
+
+
 def read_tokens(path: Path, report: ExtendReport) -> list[str]:
-    """One token per line (blank lines ignored); duplicates reported and skipped."""
-    if not Path(path).is_file():
-        raise MtoolError(f"tokens file {path} not found")
+    """One token per line (blank lines ignored); duplicates reported and skipped.
+
+    Refused, naming the line: control characters, tokens over MAX_TOKEN_CHARS characters, a
+    file that is not UTF-8 text or holds no token."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"tokens file {path} not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"tokens file {path} is not UTF-8 text (byte {e.start})") from None
+    if "\x00" in text:
+        raise InputError(f"tokens file {path} is binary, not one token per line")
     seen, out = set(), []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        tok = line.strip("\r\n")
+    for n, line in enumerate(text.split("\n"), start=1):
+        tok = line.removesuffix("\r")
         if not tok.strip():
             continue
+        bad = next((c for c in tok if unicodedata.category(c) in ("Cc", "Cs")), None)
+        if bad is not None:
+            raise InputError(f"tokens file {path} line {n}: token {tok[:20]!r} contains control character "
+                             f"U+{ord(bad):04X}")
+        if len(tok) > MAX_TOKEN_CHARS:
+            raise InputError(f"tokens file {path} line {n}: token of {len(tok)} characters is longer than "
+                             f"{MAX_TOKEN_CHARS}; a vocabulary token is a word or phrase, not a sentence")
         if tok in seen:
             report.duplicates.append(tok)
             continue
         seen.add(tok)
         out.append(tok)
+    if not out:
+        raise InputError(f"tokens file {path} holds no tokens (one per line)")
     return out
 
 
@@ -141,33 +172,56 @@ def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials:
     for s in specials:
         if s in texts_taken or s in wanted:
             raise MtoolError(f"special token {s!r} is already in the vocabulary")
-    # chains of partial concatenations of each token's old split make it reachable by BPE merges
+    # Characters the old vocabulary lacks become pieces themselves (the old model spells them
+    # in byte tokens, which no merge can join into a piece); then every token is split by a
+    # model that knows them, and the chain of partial concatenations of that split makes the
+    # token reachable by BPE merges. No piece ever contains byte-token text.
+    new_chars = list(dict.fromkeys(c for piece in wanted for c in piece if c not in existing))
+    lowest = min((p.score for p in proto.pieces), default=0.0)
+    aug = pb.ModelProto()
+    aug.CopyFrom(proto)
+    for k, ch in enumerate(new_chars):
+        p = aug.pieces.add()
+        p.piece, p.score, p.type = ch, lowest - 1.0 - k, pb.ModelProto.SentencePiece.NORMAL
+    split_aug = _spm_split(aug.SerializeToString())
     new_pieces: list[str] = []
     splits_text: dict[str, list[int]] = {}
+    for ch in new_chars:
+        splits_text[ch] = split_old(ch)  # its byte tokens: their rows initialize the character's row
+        report.characters.append(ch)
+    known = set(existing) | set(new_chars)
     for piece in wanted:
-        old_ids = split_old(piece.replace(SPM_SPACE, " "))
-        splits_text[piece] = old_ids
-        parts = [proto.pieces[i].piece for i in old_ids]
+        parts = [aug.pieces[i].piece for i in split_aug(piece.replace(SPM_SPACE, " "))]
+        splits_text[piece] = split_old(piece.replace(SPM_SPACE, " "))
         acc = parts[0] if parts else ""
         for part in parts[1:-1]:
             acc += part
-            if acc not in existing and acc not in splits_text and acc not in new_pieces:
+            if acc not in known and acc not in new_pieces:
                 new_pieces.append(acc)
                 splits_text[acc] = split_old(acc.replace(SPM_SPACE, " "))
                 report.intermediate.append(acc.replace(SPM_SPACE, " "))
-        if piece not in new_pieces:
+        if piece in new_chars:
+            report.added.append(piece.replace(SPM_SPACE, " "))  # a one-character token: the character itself
+        elif piece not in new_pieces and piece not in known:
             new_pieces.append(piece)
             report.added.append(piece.replace(SPM_SPACE, " "))
+    for piece in new_pieces + new_chars:
+        if _BYTE_TEXT.search(piece):
+            raise MtoolError(f"internal: new piece {piece!r} holds byte-token text")
     top = max((p.score for p in proto.pieces), default=0.0)
     for k, piece in enumerate(new_pieces):
         p = proto.pieces.add()
         p.piece = piece
         p.score = top + float(len(new_pieces) - k)  # above every old piece, earlier ones first
         p.type = pb.ModelProto.SentencePiece.NORMAL
+    for k, ch in enumerate(new_chars):  # single characters are never merge results: score unused
+        p = proto.pieces.add()
+        p.piece, p.score, p.type = ch, lowest - 1.0 - k, pb.ModelProto.SentencePiece.NORMAL
+    all_new = new_pieces + new_chars
     n_new = len(proto.pieces)
     id_map = {i: i for i in range(n_pieces)}
     new_ids = list(range(n_pieces, n_new))
-    splits = {n_pieces + k: splits_text[piece] for k, piece in enumerate(new_pieces)}
+    splits = {n_pieces + k: splits_text[piece] for k, piece in enumerate(all_new)}
     added_list = [(t, special) for _, (t, special) in sorted(added_old.items())]
     for j, old_id in enumerate(sorted(added_old)):
         id_map[old_id] = n_new + j
@@ -271,6 +325,86 @@ def _plan_bpe(src_tok: Path, tokens: list[str], specials: list[str], old_vocab: 
         report.special.append(s)
         next_id += 1
     model["vocab"], model["merges"] = vocab, merges
+    _write_json_tokenizer(src_tok, tj, bool(specials), work)
+    return _Plan(work, {i: i for i in range(old_vocab)}, next_id, splits, new_ids)
+
+
+# -- SentencePiece-style tokenizer.json (no tokenizer.model) ------------------------------------
+
+
+def _plan_spm_json(src_tok: Path, tj: dict, tokens: list[str], specials: list[str], old_vocab: int,
+                   report: ExtendReport, work: Path) -> _Plan:
+    """The same extension as `_plan_spm`, on tokenizer.json's '▁'-escaped BPE: missing characters
+    become vocabulary entries, each token gets the merge chain of its split, and the new merges
+    go first (highest priority), as the new pieces score above every old one in `_plan_spm`.
+    llama.cpp then agrees, because GGUF scores are derived from the merge order."""
+    from tokenizers.models import BPE
+
+    from ..convert.gguf_vocab import merge_pairs
+
+    model = tj["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    pairs = merge_pairs(model.get("merges") or [])
+    pair_style = bool(model.get("merges")) and not isinstance(model["merges"][0], str)
+    unk = model.get("unk_token")
+
+    def bpe(v: dict[str, int]):
+        return BPE(vocab=v, merges=pairs, byte_fallback=True, unk_token=unk, fuse_unk=bool(model.get("fuse_unk")))
+
+    old = bpe(vocab)
+    added_texts = {t["content"] for t in tj.get("added_tokens", [])}
+    wanted: list[str] = []
+    for tok in tokens:
+        piece = tok.replace(" ", SPM_SPACE)
+        if piece in vocab or tok in added_texts or piece in wanted:
+            report.existing.append(tok)
+            continue
+        wanted.append(piece)
+    next_id = old_vocab
+    splits: dict[int, list[int]] = {}
+    new_ids: list[int] = []
+    new_chars = list(dict.fromkeys(c for piece in wanted for c in piece if c not in vocab))
+    for ch in new_chars:
+        vocab[ch] = next_id
+        splits[next_id] = [t.id for t in old.tokenize(ch)]
+        new_ids.append(next_id)
+        report.characters.append(ch)
+        next_id += 1
+    aug = bpe(vocab)
+    new_merges: list[tuple[str, str]] = []
+    for piece in wanted:
+        parts = [t.value for t in aug.tokenize(piece)]
+        acc = parts[0]
+        for part in parts[1:]:
+            merged = acc + part
+            if (acc, part) not in new_merges:
+                new_merges.append((acc, part))
+            if merged not in vocab:
+                vocab[merged] = next_id
+                splits[next_id] = [t.id for t in old.tokenize(merged)]
+                new_ids.append(next_id)
+                (report.added if merged == piece else report.intermediate).append(merged.replace(SPM_SPACE, " "))
+                next_id += 1
+            acc = merged
+        if piece in new_chars:
+            report.added.append(piece.replace(SPM_SPACE, " "))
+    merges = new_merges + pairs
+    model["vocab"] = vocab
+    model["merges"] = [list(m) for m in merges] if pair_style else [f"{a} {b}" for a, b in merges]
+    for s in specials:
+        if s in added_texts or s in vocab:
+            raise MtoolError(f"special token {s!r} is already in the vocabulary")
+        tj.setdefault("added_tokens", []).append({"id": next_id, "content": s, "single_word": False, "lstrip": False,
+                                                 "rstrip": False, "normalized": False, "special": True})
+        new_ids.append(next_id)
+        report.special.append(s)
+        next_id += 1
+    _write_json_tokenizer(src_tok, tj, bool(specials), work)
+    return _Plan(work, {i: i for i in range(old_vocab)}, next_id, splits, new_ids)
+
+
+def _write_json_tokenizer(src_tok: Path, tj: dict, specials: bool, work: Path) -> None:
+    """tokenizer.json (edited) + the source's other tokenizer files into `work`."""
     work.mkdir(parents=True, exist_ok=True)
     for fname in TOKENIZER_FILES:
         if (src_tok / fname).is_file() and fname not in ("tokenizer.json", "generation_config.json"):
@@ -282,7 +416,6 @@ def _plan_bpe(src_tok: Path, tokens: list[str], specials: list[str], old_vocab: 
         for t in tj["added_tokens"]:
             dec.setdefault(str(t["id"]), {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")})
         (work / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
-    return _Plan(work, {i: i for i in range(old_vocab)}, next_id, splits, new_ids)
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -322,7 +455,8 @@ def extend_vocab(src: Path, out: Path, *, tokens_file: Path | None = None, sp_mo
     if pad_to_multiple_of < 0:
         raise MtoolError("--pad-to-multiple-of must be positive")
     src, out = Path(src), Path(out)
-    check_output_path(out, force=force, sources=[src])
+    inputs = [src, tokens_file, sp_model]
+    check_output_path(out, force=force, sources=inputs)
     model = load_canonical(src)
     report = ExtendReport(old_vocab=model.vocab_size)
     tokens = read_tokens(tokens_file, report) if tokens_file is not None else []
@@ -332,8 +466,12 @@ def extend_vocab(src: Path, out: Path, *, tokens_file: Path | None = None, sp_mo
             plan = _plan_spm(model.tokenizer_dir, tokens, sp_model, list(specials), report, work)
         elif (model.tokenizer_dir / "tokenizer.json").is_file():
             if sp_model is not None:
-                raise MtoolError("--sp-model needs a SentencePiece source tokenizer (tokenizer.model)")
-            plan = _plan_bpe(model.tokenizer_dir, tokens, list(specials), model.vocab_size, report, work)
+                raise UsageError("--sp-model needs a SentencePiece source tokenizer (tokenizer.model)")
+            tj = read_json(model.tokenizer_dir / "tokenizer.json")
+            if is_sentencepiece_json(tj):
+                plan = _plan_spm_json(model.tokenizer_dir, tj, tokens, list(specials), model.vocab_size, report, work)
+            else:
+                plan = _plan_bpe(model.tokenizer_dir, tokens, list(specials), model.vocab_size, report, work)
         else:
             raise MtoolError(f"{src} has no tokenizer.model or tokenizer.json to extend")
         if not plan.new_ids:
@@ -356,5 +494,5 @@ def extend_vocab(src: Path, out: Path, *, tokens_file: Path | None = None, sp_mo
         config = hf_config(model)
         config["vocab_size"] = plan.vocab_size
         report.out = write_hf_checkpoint(out, config, tensors, copy_from=plan.tok_dir, force=force,
-                                         sources=(src,), progress=progress)
+                                         sources=tuple(p for p in inputs if p is not None), progress=progress)
     return report
