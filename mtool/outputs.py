@@ -128,7 +128,7 @@ class _Lock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
-                raise OutputError(f"cannot write beside {out}: {e.strerror} ({self.path.parent})") from None
+                raise OutputError(_describe_oserror(out, e)) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

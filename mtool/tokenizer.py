@@ -15,6 +15,9 @@ def open_tokenizer(tok_dir: Path):
 
     from .checkpoint import TOKENIZER_FILES
     from .convert.hf_export import native_tokenizer_config
+    from .transformers_env import quiet_transformers
+
+    quiet_transformers()
 
     tc = native_tokenizer_config(Path(tok_dir))
     if tc is None:

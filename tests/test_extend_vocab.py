@@ -167,3 +167,58 @@ def test_sp_model_merge(gqa_model, tmp_path):
     old, new = AutoTokenizer.from_pretrained(str(gqa_model)), AutoTokenizer.from_pretrained(str(out))
     assert len(new(ZH)["input_ids"]) < len(old(ZH)["input_ids"])
     assert new.decode(new(ZH)["input_ids"], skip_special_tokens=True) == ZH
+
+
+# words whose characters the tiny vocabulary (trained on the built-in text) lacks
+UNSEEN = ["饕餮", "魑魅魍魉", "鑫淼", "龘", "饕餮盛宴"]
+
+
+def test_unseen_characters_become_reachable(gqa_model, tmp_path):
+    """Chinese-LLaMA-style extension: characters the old vocabulary lacks become pieces, each new
+    word is one token in running text, decodes exactly, and HF, SentencePiece and llama.cpp agree."""
+    old_sp = spm.SentencePieceProcessor(model_file=str(gqa_model / "tokenizer.model"))
+    old_pieces = {old_sp.id_to_piece(i) for i in range(old_sp.vocab_size())}
+    assert not {c for w in UNSEEN for c in w} & old_pieces  # precondition: all characters unseen
+    words = tmp_path / "w.txt"
+    words.write_text("\n".join(UNSEEN) + "\n", encoding="utf-8")
+    out = tmp_path / "ext"
+    r = _extend(gqa_model, out, "--tokens", words)
+    assert "characters the old vocabulary lacked" in r.output
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    assert not [p for p in pieces if "<0x" in p and not (p.startswith("<0x") and len(p) == 6)]
+    tok = AutoTokenizer.from_pretrained(str(out))
+    for w in UNSEEN:
+        assert w in pieces
+        running = "前" + w  # in running text: no dummy prefix before the word
+        ids = sp.encode(running)
+        assert sp.id_to_piece(ids[-1]) == w, (w, [sp.id_to_piece(i) for i in ids])
+        hf_ids = tok(running, add_special_tokens=False)["input_ids"]
+        assert hf_ids == ids
+        assert tok.decode(tok(w, add_special_tokens=False)["input_ids"]) == w
+    text = "在宴会上," + "饕餮盛宴里有魑魅魍魉,鑫淼说龘。" * 3 + ZH
+    res = export_gguf(load_canonical(out), tmp_path / "ext.gguf", outtype="f32", progress=False)
+    llm = Llama(str(res.files[0]), vocab_only=True, verbose=False)
+    cpp = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    assert cpp == [sp.bos_id()] + sp.encode(text) == tok(text)["input_ids"]
+    r = CliRunner().invoke(cli, ["verify", str(out), str(res.files[0]), "--ctx", "64", "--max-windows", "4", "-q"])
+    assert r.exit_code == 0, r.output + r.stderr
+
+
+@pytest.mark.parametrize("content, match", [
+    ("x" * 5000 + "\n", "longer than 32"),
+    ("good\nbad\x07bell\n", "control character U+0007"),
+    ("\n\n  \n", "holds no tokens"),
+])
+def test_tokens_file_is_validated(gqa_model, tmp_path, content, match):
+    f = tmp_path / "t.txt"
+    f.write_text(content, encoding="utf-8")
+    r = _extend(gqa_model, tmp_path / "o", "--tokens", f, expect=2)
+    assert match in r.stderr and r.stderr.startswith("error: ") and not (tmp_path / "o").exists()
+
+
+def test_binary_tokens_file(gqa_model, tmp_path):
+    f = tmp_path / "t.bin"
+    f.write_bytes(b"\xff\xfe\x00\x01binary")
+    r = _extend(gqa_model, tmp_path / "o", "--tokens", f, expect=2)
+    assert "not UTF-8" in r.stderr

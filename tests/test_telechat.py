@@ -117,3 +117,21 @@ def test_convert_to_hf_cli_refuses_overwrite(telechat, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(telechat["7b"]), "-o", str(out), "--to", "hf", "-q", "--force"])
     assert r.exit_code == 0, r.output
     assert not [p for p in tmp_path.iterdir() if "mtool" in p.name]
+
+
+@pytest.mark.parametrize("variant", ["7b", "52b"])
+def test_inspect_shows_telechat_sizes(variant, telechat):
+    """TeleChat's config names its sizes its own way; inspect shows them normalized."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from mtool.cli import cli
+
+    r = CliRunner().invoke(cli, ["inspect", str(telechat[variant]), "--json"])
+    assert r.exit_code == 0, r.stderr
+    s = _json.loads(r.output)
+    cfg = _json.loads((telechat[variant] / "config.json").read_text())
+    assert s["config"]["hidden_size"] == cfg.get("hidden_size", cfg.get("n_embd"))
+    assert s["config"]["num_hidden_layers"] == cfg.get("n_layer", cfg.get("num_hidden_layers"))
+    assert s["family"].startswith("telechat")

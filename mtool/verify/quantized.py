@@ -75,6 +75,9 @@ class QuantizedRunner:
 
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM
+        from ..transformers_env import quiet_transformers
+
+        quiet_transformers()
 
         self.device = resolve_device(device)
         config, sd = dequantized_state_dict(path)

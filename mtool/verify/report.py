@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, MtoolError, VerifySetupError
+from ..errors import InputError, VerifySetupError
 from ..gguf_file import gguf_metadata, is_gguf
 from .data import load_text, token_windows
 from .metrics import ParityAccumulator, json_safe

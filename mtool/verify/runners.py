@@ -20,6 +20,9 @@ class HFRunner:
     def __init__(self, path: Path, device: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM
+        from ..transformers_env import quiet_transformers
+
+        quiet_transformers()
 
         from ..convert.families import load_canonical
 
