@@ -1,0 +1,150 @@
+"""libggml's quantizers, called directly: the exact kernels llama.cpp's own quantizer runs.
+
+llama-cpp-python ships libggml-base beside libllama but binds only `llama_model_quantize`
+(whole files); mtool streams tensors from an HF checkpoint, so it calls `ggml_quantize_chunk`
+itself through ctypes. This is the thin, checked binding: libggml aborts the whole process
+(GGML_ASSERT) on a bad call, so every precondition is checked here in Python first, and
+errors come back as MtoolError. ctypes releases the GIL during each call, so chunks of rows
+are quantized on worker threads, all cores busy.
+
+The library is found in `llama_cpp/lib` of the installed llama-cpp-python, or in the folder
+named by LLAMA_CPP_LIB_PATH (versioned names such as libggml-base.so.0 are accepted).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, MtoolError, UsageError
+
+_LIB_NAMES = {"linux": ("libggml-base.so", "libggml-base.so.*"), "darwin": ("libggml-base.dylib", "libggml-base.*.dylib"),
+              "win32": ("ggml-base.dll",)}
+# symbol -> (restype, argtypes); type ids are ggml's `enum ggml_type` (= gguf.GGMLQuantizationType)
+_SIGNATURES = {
+    "ggml_quantize_chunk": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]),
+    "ggml_quantize_requires_imatrix": (ctypes.c_bool, [ctypes.c_int]),
+    "ggml_quantize_init": (None, [ctypes.c_int]),
+    "ggml_row_size": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
+    "ggml_blck_size": (ctypes.c_int64, [ctypes.c_int]),
+    "ggml_type_size": (ctypes.c_size_t, [ctypes.c_int]),
+    "ggml_type_name": (ctypes.c_char_p, [ctypes.c_int]),
+}
+# rows per call: big enough to amortize the call, small enough to spread over threads
+_CHUNK_ROWS = 64
+
+
+def library_dir() -> Path:
+    """Where libggml-base is looked for."""
+    env = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if env:
+        return Path(env)
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MtoolError("llama-cpp-python is not installed; its libggml quantizes K- and I-quants") from None
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def _find_library(folder: Path) -> Path:
+    platform = "linux" if sys.platform.startswith("linux") else sys.platform
+    for pattern in _LIB_NAMES.get(platform, _LIB_NAMES["linux"]):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    raise MtoolError(f"libggml-base not found in {folder} (set LLAMA_CPP_LIB_PATH to the folder that holds it)")
+
+
+class GGML:
+    """The loaded library with typed, checked wrappers."""
+
+    def __init__(self, path: Path):
+        try:
+            self.lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise MtoolError(f"cannot load {path}: {e}") from None
+        for name, (res, args) in _SIGNATURES.items():
+            fn = getattr(self.lib, name, None)
+            if fn is None:
+                raise MtoolError(f"{path} has no {name}: llama-cpp-python is too old (need >= 0.3.16)")
+            fn.restype, fn.argtypes = res, args
+        self.path = path
+        self._initialized: set[int] = set()
+
+    def type_name(self, qtype: int) -> str:
+        return self.lib.ggml_type_name(int(qtype)).decode()
+
+    def block_size(self, qtype: int) -> int:
+        return int(self.lib.ggml_blck_size(int(qtype)))
+
+    def type_size(self, qtype: int) -> int:
+        return int(self.lib.ggml_type_size(int(qtype)))
+
+    def row_size(self, qtype: int, n_per_row: int) -> int:
+        self._check_row(qtype, n_per_row)
+        return int(self.lib.ggml_row_size(int(qtype), int(n_per_row)))
+
+    def requires_imatrix(self, qtype: int) -> bool:
+        return bool(self.lib.ggml_quantize_requires_imatrix(int(qtype)))
+
+    def _check_row(self, qtype: int, n_per_row: int) -> None:
+        blck = self.block_size(qtype)
+        if blck <= 0 or self.type_size(qtype) <= 0:
+            raise UsageError(f"ggml type {qtype} is not a quantization type of this libggml")
+        if n_per_row <= 0 or n_per_row % blck:
+            raise UsageError(f"rows of {n_per_row} values cannot be stored as {self.type_name(qtype)} "
+                             f"(blocks of {blck})")
+
+    def quantize(self, x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None, *, threads: int = 0,
+                 name: str = "tensor") -> np.ndarray:
+        """Quantize the rows of `x` (float32, [..., n_per_row]) as `qtype`; returns the GGUF bytes
+        as uint8 [rows, row_size]. `imatrix`: one importance per column (float32, n_per_row)."""
+        qtype = int(qtype)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n_per_row = int(x.shape[-1]) if x.ndim else 0
+        self._check_row(qtype, n_per_row)
+        rows = x.size // n_per_row
+        if imatrix is not None:
+            imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+            if imatrix.size != n_per_row:
+                raise InputError(f"importance matrix for {name} has {imatrix.size} values, its rows have {n_per_row}")
+            if not np.isfinite(imatrix).all() or (imatrix < 0).any():
+                raise InputError(f"importance matrix for {name} has negative or non-finite values")
+        elif self.requires_imatrix(qtype):
+            raise UsageError(f"{self.type_name(qtype)} needs an importance matrix (--imatrix) for {name}")
+        if qtype not in self._initialized:  # lookup tables of the I-quants; not thread-safe to build
+            self.lib.ggml_quantize_init(qtype)
+            self._initialized.add(qtype)
+        row_size = int(self.lib.ggml_row_size(qtype, n_per_row))
+        out = np.empty((rows, row_size), dtype=np.uint8)
+        src, dst = x.ctypes.data, out.ctypes.data
+        imp = imatrix.ctypes.data if imatrix is not None else None
+
+        def run(r0: int) -> int:
+            n = min(_CHUNK_ROWS, rows - r0)
+            # `start` counts values; libggml asserts it is a whole number of rows
+            return int(self.lib.ggml_quantize_chunk(qtype, src, dst, r0 * n_per_row, n, n_per_row, imp))
+
+        starts = range(0, rows, _CHUNK_ROWS)
+        workers = threads or os.cpu_count() or 1
+        if workers == 1 or rows <= _CHUNK_ROWS:
+            written = sum(run(r0) for r0 in starts)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                written = sum(pool.map(run, starts))
+        if written != out.nbytes:
+            raise MtoolError(f"libggml wrote {written} bytes for {name}, expected {out.nbytes}")
+        return out
+
+
+@lru_cache(maxsize=1)
+def ggml() -> GGML:
+    """The process's libggml binding (loaded once)."""
+    return GGML(_find_library(library_dir()))
