@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .convert.quant_policy import KQUANTS
 from .errors import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_VERIFY_FAILED, MtoolError, Terminated, UsageError
 
 EXIT_FAIL = EXIT_VERIFY_FAILED
@@ -136,9 +137,11 @@ def cli(debug: bool) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output file (.gguf) or directory.")
 @click.option("--to", "to", type=click.Choice(["gguf", "hf", "gptq", "awq"]), default=None,
               help="Output format. Default: gguf when OUT ends in .gguf.")
-@click.option("--outtype", default="f16", show_default=True,
-              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
-              help="GGUF tensor type. Norms and 1-D tensors stay f32; at 4/5 bits output.weight is q8_0.")
+@click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
+              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", *KQUANTS]),
+              help="GGUF tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or a K-/I-quant mixture "
+                   "(q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k iq4_nl iq4_xs iq3_s iq3_m) whose "
+                   "per-tensor types and bytes are llama-quantize's. Norms and 1-D tensors stay f32.")
 @click.option("--split-max-size", default=None, metavar="SIZE",
               help="Shards of at most SIZE (e.g. 2G, 500M). GGUF: llama.cpp loads the first shard. "
                    "HF: safetensors shard size (default 5G).")

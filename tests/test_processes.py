@@ -167,15 +167,16 @@ def test_disk_full_mid_write(slow_model, small_disk):
     proc = subprocess.Popen(MTOOL + ["convert", str(small), "-o", str(out2), "--to", "hf", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     _wait_for_staging(proc, out2)
-    with open(filler, "wb") as fh:  # take every free byte
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 20))
-                fh.flush()
-        except OSError:
-            pass
-    proc.send_signal(signal.SIGCONT)
-    _, err = proc.communicate(timeout=300)
+    try:
+        with open(filler, "wb", buffering=0) as fh:  # take every free byte (unbuffered: close cannot fail)
+            try:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     assert err.count("\n") == 1 and "no space left on the device" in err, err
     assert not out2.exists() and _leftovers(out2) == []

@@ -110,10 +110,23 @@ def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTenso
     for p in planned:
         if p.gguf_name in stacks:
             p.shape = (len(p.parts), *p.parts[0].shape)
-        p.qtype, note = choose_qtype(p.gguf_name, p.shape, ot, tied=model.tied)
+    mixture = None
+    if ot.mixture:
+        from .quant_policy import KQUANTS, plan_types
+
+        cfg = model.config
+        mixture = plan_types({p.gguf_name: p.shape for p in planned}, KQUANTS[outtype], n_head=model.n_heads,
+                             n_head_kv=model.n_kv_heads, n_expert=int(cfg.get("num_local_experts") or 0),
+                             n_layer=model.n_layers, has_imatrix=False)
+        notes += mixture.fallbacks
+    for p in planned:
+        if mixture is not None:
+            p.qtype = mixture.types[p.gguf_name]
+        else:
+            p.qtype, note = choose_qtype(p.gguf_name, p.shape, ot, tied=model.tied)
+            if note:
+                notes.append(note)
         p.nbytes = encoded_nbytes(p.shape, p.qtype)
-        if note:
-            notes.append(note)
     return planned, notes
 
 
@@ -154,7 +167,7 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q):
+def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, libggml: bool = False):
     t = lt.load()
     if tuple(t.shape) != lt.shape:
         raise MtoolError(f"tensor {lt.name}: read shape {list(t.shape)}, header said {list(lt.shape)}")
@@ -163,20 +176,20 @@ def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q):
     amax = check_finite(t, lt.name)
     if qtype == Q.F16 and amax > F16_MAX:
         raise InputError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
-    return encode(_transform(model, lt.name, t), qtype)
+    return encode(_transform(model, lt.name, t), qtype, libggml=libggml, name=lt.name)
 
 
-def _prepare(model: CanonicalModel, p: PlannedTensor):
+def _prepare(model: CanonicalModel, p: PlannedTensor, libggml: bool = False):
     """Read, check, transform and encode one GGUF tensor (runs in a worker thread).
 
     Stacked expert tensors are encoded part by part into their slice of the output, so
     only one expert's source is in memory beside the output."""
     if not p.stacked:
-        return _prepare_part(model, p.parts[0], p.qtype)
+        return _prepare_part(model, p.parts[0], p.qtype, libggml)
     shape, dtype = writer_shape_dtype(p.shape, p.qtype)
     out = np.empty(shape, dtype=dtype)
     for i, part in enumerate(p.parts):
-        out[i] = _prepare_part(model, part, p.qtype)
+        out[i] = _prepare_part(model, part, p.qtype, libggml)
     return out
 
 
@@ -197,6 +210,11 @@ def export_gguf(
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"GGUF output {out} must end in .gguf")
+    from .quant_policy import KQUANTS
+
+    if outtype in KQUANTS and KQUANTS[outtype].needs_imatrix:
+        raise UsageError(f"--outtype {outtype} needs an importance matrix, which mtool cannot compute or read yet "
+                         f"(use iq3_s, iq4_xs or a K-quant)")
     old_shards = shard_paths(out)
     sources = [model.source, model.tokenizer_dir]
     check_output_path(out, force=force, sources=sources, related=old_shards)
@@ -243,7 +261,7 @@ def export_gguf(
                     while todo and len(ahead) <= n_workers and (not ahead or inflight + todo[0].nbytes <= budget):
                         p = todo.popleft()
                         inflight += p.nbytes
-                        ahead.append((p, pool.submit(_prepare, model, p)))
+                        ahead.append((p, pool.submit(_prepare, model, p, OUTTYPES[outtype].mixture)))
 
                 fill()
                 while ahead:

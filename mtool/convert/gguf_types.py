@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..numerics import CHUNK_ELEMENTS
+from .quant_policy import KQUANTS
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -23,12 +24,16 @@ FT = gguf.LlamaFileType
 
 @dataclass(frozen=True)
 class OutType:
-    """One `--outtype`: the main tensor type, the file type tag, and an output.weight override."""
+    """One `--outtype`: the main tensor type, the file type tag, and an output.weight override.
+
+    `mixture` types (the K- and I-quants) take each tensor's type from llama.cpp's policy
+    (quant_policy.py) and are quantized by libggml itself (mtool.ggml)."""
 
     name: str
     qtype: Q
     file_type: FT
     output_qtype: Q | None = None  # lm_head is the most sensitive matrix: keep it wider at 4/5 bits
+    mixture: bool = False
 
 
 OUTTYPES: dict[str, OutType] = {
@@ -42,6 +47,7 @@ OUTTYPES: dict[str, OutType] = {
         OutType("q5_0", Q.Q5_0, FT.MOSTLY_Q5_0, output_qtype=Q.Q8_0),
         OutType("q4_1", Q.Q4_1, FT.MOSTLY_Q4_1, output_qtype=Q.Q8_0),
         OutType("q4_0", Q.Q4_0, FT.MOSTLY_Q4_0, output_qtype=Q.Q8_0),
+        *(OutType(k.name, k.default, k.file_type, mixture=True) for k in KQUANTS.values()),
     )
 }
 
@@ -102,9 +108,19 @@ def _encode_rows(t: torch.Tensor, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(t.to(torch.float32).numpy(), qtype)
 
 
-def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
-    """Encode a float tensor as `qtype`; returns the bytes GGUF stores (as a numpy array)."""
+def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, imatrix: np.ndarray | None = None,
+           name: str = "tensor") -> np.ndarray:
+    """Encode a float tensor as `qtype`; returns the bytes GGUF stores (as a numpy array).
+
+    With `libggml` every quantized type is made by libggml's own kernels (the K-/I-quant files,
+    whose fallback types must match llama-quantize byte for byte too)."""
     t = t.contiguous()
+    if libggml and qtype not in (Q.F32, Q.F16, Q.BF16):
+        from ..ggml import ggml
+
+        rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()
+        out = ggml().quantize(rows, int(qtype), imatrix, name=name)
+        return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
     if qtype == Q.F32:
         return t.to(torch.float32).numpy()
     if qtype == Q.F16:

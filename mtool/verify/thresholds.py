@@ -30,6 +30,21 @@ DEFAULTS: dict[str, Thresholds] = {
     "q5_1": Thresholds(max_kld=5e-2, min_top1=0.90, max_ppl_ratio=1.05),
     "q4_0": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
     "q4_1": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
+    # K- and I-quant mixtures: llama.cpp's perplexity README (Llama-3-8B KL-divergence table: q6_K ~0.005,
+    # q5_K_M ~0.01, q4_K_M ~0.03, iq4_xs ~0.03, q3_K_M ~0.09, q2_K ~0.37 mean KLD) with about 3-4x headroom
+    "q6_k": Thresholds(max_kld=2e-2, min_top1=0.93, max_ppl_ratio=1.02),
+    "q5_k_m": Thresholds(max_kld=5e-2, min_top1=0.90, max_ppl_ratio=1.05),
+    "q5_k_s": Thresholds(max_kld=5e-2, min_top1=0.90, max_ppl_ratio=1.05),
+    "q4_k_m": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
+    "q4_k_s": Thresholds(max_kld=1.2e-1, min_top1=0.85, max_ppl_ratio=1.12),
+    "iq4_xs": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
+    "iq4_nl": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
+    "q3_k_l": Thresholds(max_kld=2.5e-1, min_top1=0.78, max_ppl_ratio=1.20),
+    "q3_k_m": Thresholds(max_kld=3e-1, min_top1=0.75, max_ppl_ratio=1.25),
+    "iq3_m": Thresholds(max_kld=3e-1, min_top1=0.75, max_ppl_ratio=1.25),
+    "iq3_s": Thresholds(max_kld=3e-1, min_top1=0.75, max_ppl_ratio=1.25),
+    "q3_k_s": Thresholds(max_kld=5e-1, min_top1=0.70, max_ppl_ratio=1.40),
+    "q2_k": Thresholds(max_kld=1.2, min_top1=0.55, max_ppl_ratio=2.00),
     # calibrated HF-format checkpoints, by bits (GPTQ paper: 4-bit LLaMA-7B PPL +7 %; 3/2 bits far more)
     "gptq-8bit": Thresholds(max_kld=1e-2, min_top1=0.95, max_ppl_ratio=1.02),
     "gptq-4bit": Thresholds(max_kld=1e-1, min_top1=0.85, max_ppl_ratio=1.10),
@@ -39,7 +54,9 @@ DEFAULTS: dict[str, Thresholds] = {
 }
 
 # llama.cpp file-type ids (general.file_type) -> our type names
-FILE_TYPE_NAMES = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0", 8: "q5_0", 9: "q5_1", 2: "q4_0", 3: "q4_1"}
+FILE_TYPE_NAMES = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0", 8: "q5_0", 9: "q5_1", 2: "q4_0", 3: "q4_1",
+                   10: "q2_k", 11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
+                   17: "q5_k_m", 18: "q6_k", 25: "iq4_nl", 26: "iq3_s", 27: "iq3_m", 30: "iq4_xs"}
 
 
 def defaults_for(kind: str) -> Thresholds:
