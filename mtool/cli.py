@@ -219,14 +219,8 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
 
     res = export_gguf(model, out, outtype=outtype, split_max_size=parse_size(split_max_size), force=force,
                       name=name, progress=not quiet, recipe=rec)
-    for note in res.notes[len(model.notes):]:
-        click.echo(f"note: {note}", err=True)
-    types = ", ".join(f"{k} x{v}" for k, v in sorted(res.type_counts.items()))
-    mbps = res.bytes_in / 1e6 / res.seconds if res.seconds else 0.0
-    click.echo(f"wrote {len(res.files)} file(s), {res.n_tensors} tensors ({types}), {res.bytes_out / 1e6:.1f} MB "
-               f"in {res.seconds:.1f} s ({mbps:.0f} MB/s in)")
-    for f in res.files:
-        click.echo(f"  {f}")
+    res.notes = res.notes[len(model.notes):]
+    _report_gguf(res)
 
 
 # convert options and the --to formats they mean something for
@@ -282,6 +276,45 @@ def _quantize(model, out: Path, method: str, *, bits: int, group_size: int, sym:
     if any(lr.expert_tokens for lr in rep.layers):
         click.echo("  (statistics: every calibration token visits every expert; the router stays unquantized)")
     click.echo(f"  {rep.out}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("--outtype", required=True, type=click.Choice(list(KQUANTS)), metavar="TYPE",
+              help=f"K-/I-quant mixture: {' '.join(KQUANTS)} (types needing an importance matrix are refused).")
+@click.option("--split-max-size", default=None, metavar="SIZE", help="Shards of at most SIZE (e.g. 2G).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def quantize(src: Path, out: Path, outtype: str, split_max_size: str | None, force: bool, quiet: bool) -> None:
+    """Re-quantize the f32/f16/bf16 GGUF SRC (single or split) to OUT, as llama-quantize does.
+
+    Metadata and vocabulary are kept; each tensor gets llama.cpp's type for OUTTYPE and
+    libggml's bytes. Quantized inputs are refused. To go from an HF checkpoint, use
+    `mtool convert --outtype TYPE` instead: one pass, no intermediate file.
+
+    \b
+    Example:
+      mtool quantize yi-34b-bf16.gguf -o yi-34b-q4_k_m.gguf --outtype q4_k_m
+    """
+    from .checkpoint import parse_size
+    from .convert.gguf_requantize import requantize_gguf
+
+    res = requantize_gguf(src, out, outtype, split_max_size=parse_size(split_max_size), force=force,
+                          progress=not quiet)
+    _report_gguf(res)
+
+
+def _report_gguf(res) -> None:
+    """Types, fallbacks and effective bits per weight of a written GGUF (fallbacks inflate size)."""
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(res.type_counts.items()))
+    bpw = f", {8 * res.bytes_out / res.n_params:.2f} bits per weight" if res.n_params else ""
+    click.echo(f"wrote {len(res.files)} file(s), {res.n_tensors} tensors ({types}), {res.bytes_out / 1e6:.1f} MB"
+               f"{bpw} in {res.seconds:.1f} s; {res.n_fallbacks} fallback(s)")
+    for f in res.files:
+        click.echo(f"  {f}")
 
 
 @cli.command()

@@ -84,7 +84,7 @@ def test_console_script_demo_and_help(tmp_path):
     exe = [sys.executable, "-m", "mtool.cli"]
     h = subprocess.run(exe + ["--help"], capture_output=True, text=True)
     assert h.returncode == 0
-    for cmd in ("convert", "verify", "inspect", "demo"):
+    for cmd in ("convert", "quantize", "verify", "inspect", "demo"):
         assert cmd in h.stdout
     d = subprocess.run(exe + ["demo", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert d.returncode == 0, d.stderr[-2000:]

@@ -96,3 +96,37 @@ def test_imatrix_types_are_refused_before_any_work(trained, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(trained), "-o", str(out), "--outtype", "iq2_xxs"])
     assert r.exit_code == 2 and "needs an importance matrix" in r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tag", ["llama", "mixtral"])
+def test_quantize_command_equals_the_one_pass_route(models, tmp_path, tag):
+    """`mtool quantize` of mtool's own bf16 GGUF gives the same tensors as `mtool convert` in one pass,
+    and keeps the metadata and vocabulary."""
+    src, bf16 = models[tag]
+    one_pass, requant = tmp_path / "one.gguf", tmp_path / "re.gguf"
+    assert CliRunner().invoke(cli, ["convert", str(src), "-o", str(one_pass), "--outtype", "q4_k_m", "-q"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["quantize", str(bf16), "-o", str(requant), "--outtype", "q4_k_m", "-q"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "bits per weight" in r.output and "fallback(s)" in r.output
+    a = gguf.GGUFReader(str(one_pass))
+    b = gguf.GGUFReader(str(requant))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for name, t in ta.items():
+        assert t.tensor_type == tb[name].tensor_type and np.asarray(t.data).tobytes() == np.asarray(tb[name].data).tobytes()
+    src_meta = gguf.GGUFReader(str(bf16)).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "general.name", "llama.block_count"):
+        assert b.fields[key].contents() == src_meta[key].contents(), key
+    assert b.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+
+
+def test_quantize_refuses_quantized_input(models, tmp_path):
+    src, _ = models["llama"]
+    q8 = tmp_path / "q8.gguf"
+    assert CliRunner().invoke(cli, ["convert", str(src), "-o", str(q8), "--outtype", "q8_0", "-q"]).exit_code == 0
+    out = tmp_path / "o.gguf"
+    r = CliRunner().invoke(cli, ["quantize", str(q8), "-o", str(out), "--outtype", "q4_k_m"])
+    assert r.exit_code == 2 and "holds quantized tensors" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists()
+    r = CliRunner().invoke(cli, ["quantize", str(q8), "-o", str(out), "--outtype", "iq2_xxs"])
+    assert r.exit_code == 2 and "importance matrix" in r.stderr

@@ -61,6 +61,8 @@ class GGUFResult:
     seconds: float
     type_counts: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    n_params: int = 0
+    n_fallbacks: int = 0
 
 
 def shard_paths(out: Path) -> list[Path]:
@@ -220,6 +222,7 @@ def export_gguf(
     check_output_path(out, force=force, sources=sources, related=old_shards)
     t0 = time.perf_counter()
     planned, notes = plan_tensors(model, outtype)
+    n_fallbacks = sum("written as" in n for n in notes)
     vocab = build_vocab(model.tokenizer_dir, model.vocab_size)
     if recipe is not None:
         recipe.check_family(model.family)
@@ -286,7 +289,8 @@ def export_gguf(
         counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
     return GGUFResult(
         files=files, n_tensors=len(planned), bytes_in=model.total_bytes(), bytes_out=total_out,
-        seconds=time.perf_counter() - t0, type_counts=counts, notes=notes,
+        seconds=time.perf_counter() - t0, type_counts=counts, notes=notes, n_params=model.n_params(),
+        n_fallbacks=n_fallbacks,
     )
 
 

@@ -1,0 +1,138 @@
+"""`mtool quantize`: re-quantize an f32/f16/bf16 GGUF (single or split) the way llama-quantize does.
+
+All metadata and the vocabulary are copied; `general.file_type` and the quantization version are
+set; each tensor gets the type llama.cpp's policy chooses (quant_policy.py) and libggml's bytes
+(mtool.ggml), so the result equals `llama_model_quantize`'s and mtool's one-pass file. Quantized
+inputs are refused: re-quantizing quantized weights silently compounds the error. Tensors are
+read from the mapped input one at a time; memory stays at about one tensor.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import InputError, UsageError
+from ..gguf_file import open_gguf
+from ..outputs import check_output_path, commit_files, output_transaction
+from .gguf_export import GGUFResult, shard_paths
+from .gguf_types import encode, encoded_nbytes, writer_shape_dtype
+from .quant_policy import KQUANTS, plan_types
+
+Q = gguf.GGMLQuantizationType
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+# keys the writer sets itself, or that describe the input's encoding or splitting
+_SKIP = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "split.")
+
+
+def input_shards(path: Path) -> list[Path]:
+    """All shards of a split GGUF given its first (or any) shard; [path] otherwise."""
+    m = _SPLIT.match(path.name)
+    if not m:
+        return [path]
+    n = int(m["n"])
+    shards = [path.parent / f"{m['stem']}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        raise InputError(f"shard {missing[0]} of the split GGUF {path} is missing")
+    return shards
+
+
+def _as_float32(t) -> np.ndarray:
+    data = np.asarray(t.data)
+    if t.tensor_type == Q.BF16:  # bf16 -> f32 is exact: the bits go to the high half
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(data.shape[:-1] + (-1,))
+    return data.astype(np.float32, copy=False)
+
+
+def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int = 0, force: bool = False,
+                    progress: bool = True) -> GGUFResult:
+    """Write `src` (f32/f16/bf16 GGUF) re-quantized as K-/I-quant mixture `outtype` at `out`."""
+    import torch
+
+    src, out = Path(src), Path(out)
+    if outtype not in KQUANTS:
+        raise UsageError(f"--outtype {outtype} is not a K-/I-quant mixture (choose from {', '.join(KQUANTS)})")
+    kq = KQUANTS[outtype]
+    if kq.needs_imatrix:
+        raise UsageError(f"--outtype {outtype} needs an importance matrix, which mtool cannot read yet")
+    if out.suffix != ".gguf":
+        raise UsageError(f"GGUF output {out} must end in .gguf")
+    shards = input_shards(src)
+    old_shards = shard_paths(out)
+    check_output_path(out, force=force, sources=shards, related=old_shards)
+    readers = [open_gguf(s) for s in shards]
+    first = readers[0]
+    arch_field = first.fields.get("general.architecture")
+    if arch_field is None:
+        raise InputError(f"{src} has no general.architecture")
+    arch = arch_field.contents()
+    tensors = [t for r in readers for t in r.tensors]
+    quantized = [t for t in tensors if t.tensor_type not in FLOAT_TYPES]
+    if quantized:
+        raise InputError(f"{src} holds quantized tensors ({quantized[0].name} is {quantized[0].tensor_type.name}); "
+                         f"re-quantizing quantized weights compounds their error: give an f32/f16/bf16 GGUF")
+
+    def hp(key: str, default: int = 0) -> int:
+        f = first.fields.get(f"{arch}.{key}")
+        return int(f.contents()) if f is not None else default
+
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in tensors}  # torch order: ne0 last
+    plan = plan_types(shapes, kq, n_head=hp("attention.head_count"), n_head_kv=hp("attention.head_count_kv",
+                      hp("attention.head_count")), n_expert=hp("expert_count"), n_layer=hp("block_count"),
+                      has_imatrix=False)
+    total = sum(encoded_nbytes(shapes[t.name], plan.types[t.name]) for t in tensors)
+    meta_bytes = sum(int(f.parts[-1].nbytes) + 64 for f in first.fields.values()) if first.fields else 0
+    t0 = time.perf_counter()
+    with output_transaction(out, force=force, sources=shards, related=old_shards,
+                            needed_bytes=total + meta_bytes + 96 * len(tensors)) as tx:
+        w = gguf.GGUFWriter(tx.dir / out.name, arch, split_max_size=split_max_size)
+        for key, field in first.fields.items():
+            if key.startswith(_SKIP) or not field.types:
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), vtype, sub)
+        w.add_file_type(kq.file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for t in tensors:
+            shape, dtype = writer_shape_dtype(shapes[t.name], plan.types[t.name])
+            w.add_tensor_info(t.name, shape, dtype, encoded_nbytes(shapes[t.name], plan.types[t.name]),
+                              raw_dtype=plan.types[t.name])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="quantizing", leave=False)
+        for t in tensors:
+            qtype = plan.types[t.name]
+            if qtype == t.tensor_type:
+                data = np.asarray(t.data)  # norms, router: copied as they are
+            else:
+                x = _as_float32(t)
+                if not np.isfinite(x).all():
+                    raise InputError(f"tensor {t.name} of {src} contains NaN or Inf values")
+                data = encode(torch.from_numpy(np.ascontiguousarray(x)).reshape(shapes[t.name]), qtype,
+                              libggml=True, name=t.name)
+            w.write_tensor_data(data)
+            if bar:
+                bar.update(encoded_nbytes(shapes[t.name], qtype))
+        if bar:
+            bar.close()
+        w.close()
+        files = commit_files(sorted(tx.dir.glob("*.gguf")), out.parent, replace=[out, *old_shards] if force else [])
+    counts: dict[str, int] = {}
+    for qt in plan.types.values():
+        counts[qt.name] = counts.get(qt.name, 0) + 1
+    in_bytes = sum(s.stat().st_size for s in shards)
+    return GGUFResult(files=files, n_tensors=len(tensors), bytes_in=in_bytes, bytes_out=total,
+                      seconds=time.perf_counter() - t0, type_counts=counts, notes=plan.fallbacks,
+                      n_params=sum(int(t.n_elements) for t in tensors), n_fallbacks=len(plan.fallbacks))
