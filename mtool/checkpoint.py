@@ -54,7 +54,8 @@ class TensorInfo:
         return n
 
 
-def read_json(path: Path, *, want: type = dict) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; InputError naming the file for anything else."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -65,9 +66,8 @@ def read_json(path: Path, *, want: type = dict) -> dict:
         raise InputError(f"{path} is not valid JSON: {e}") from None
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
-    if not isinstance(data, want):
-        raise InputError(f"{path} must hold a JSON {'object' if want is dict else want.__name__}, "
-                         f"not {type(data).__name__}")
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
 
 

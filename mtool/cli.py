@@ -192,7 +192,7 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     if to != "gguf" and out.suffix == ".gguf":
         raise UsageError(f"--to {to} writes a model directory, but OUT {out} ends in .gguf")
     _refuse_inapplicable(click.get_current_context(), to)
-    parse_size(split_max_size)  # a bad size is refused before the source is opened
+    split_bytes = parse_size(split_max_size)  # a bad size is refused before the source is opened
     from .recipes import load_recipe
 
     rec = load_recipe(recipe) if recipe else None
@@ -210,14 +210,14 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
         from .convert.hf_export import export_hf
 
         t0 = time.perf_counter()
-        path = export_hf(model, out, force=force, max_shard_bytes=parse_size(split_max_size) or 5 * 1000**3,
+        path = export_hf(model, out, force=force, max_shard_bytes=split_bytes or 5 * 1000**3,
                          progress=not quiet, recipe=rec)
         click.echo(f"wrote {model.config['architectures'][0]} checkpoint ({len(model.tensors)} tensors, "
                    f"{model.total_bytes() / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s\n  {path}")
         return
     from .convert.gguf_export import export_gguf
 
-    res = export_gguf(model, out, outtype=outtype, split_max_size=parse_size(split_max_size), force=force,
+    res = export_gguf(model, out, outtype=outtype, split_max_size=split_bytes, force=force,
                       name=name, progress=not quiet, recipe=rec)
     res.notes = res.notes[len(model.notes):]
     _report_gguf(res)

@@ -40,3 +40,31 @@ def mean_kld(ref: np.ndarray, cand: np.ndarray) -> float:
 
 def dir_listing(path: Path) -> set[str]:
     return {p.name for p in Path(path).iterdir()}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int, *, pure: bool = False,
+                   imatrix: dict[str, np.ndarray] | None = None) -> dict:
+    """llama.cpp's own quantizer (`llama_model_quantize` of the installed llama-cpp-python) on a
+    GGUF file; returns the output's tensors by name. `pure`: every matrix gets the base type."""
+    import ctypes
+
+    import gguf
+    from llama_cpp import llama_cpp as L
+
+    params = L.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = ftype, pure, 2
+    keep = []  # the buffers must outlive the call
+    if imatrix:
+        arr = (L.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            buf = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(buf)
+            arr[i].name = name.encode()
+            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = buf.size
+        arr[len(imatrix)].name = None
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(L.llama_model_imatrix_data))
+    rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize failed ({rc})"
+    return {t.name: t for t in gguf.GGUFReader(str(dst)).tensors}

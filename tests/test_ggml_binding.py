@@ -8,7 +8,6 @@ same way. Preconditions that would make libggml abort the process are errors ins
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 
@@ -22,6 +21,8 @@ from mtool.convert.gguf_export import export_gguf
 from mtool.errors import InputError, MtoolError, UsageError
 from mtool.ggml import GGML, _find_library, ggml
 from mtool.tiny import TinySpec, make_tiny_llama
+
+from .helpers import llama_quantize
 
 Q = gguf.GGMLQuantizationType
 # llama ftype -> the type `pure` gives every matrix
@@ -49,30 +50,10 @@ def _tensors(path):
     return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def _llama_quantize(src, dst, ftype, imatrix: dict[str, np.ndarray] | None = None):
-    params = L.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.nthread = ftype, True, 2
-    keep = []
-    if imatrix:
-        arr = (L.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(sorted(imatrix.items())):
-            buf = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append(buf)
-            arr[i].name = name.encode()
-            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = buf.size
-        arr[len(imatrix)].name = None
-        keep.append(arr)
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(L.llama_model_imatrix_data))
-    rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed ({rc})"
-    return _tensors(dst)
-
-
 @pytest.mark.parametrize("ftype", list(FTYPES))
 def test_same_bytes_as_llama_model_quantize(f32_gguf, tmp_path, ftype):
     llama_ftype, qtype = FTYPES[ftype]
-    theirs = _llama_quantize(f32_gguf, tmp_path / "q.gguf", llama_ftype)
+    theirs = llama_quantize(f32_gguf, tmp_path / "q.gguf", llama_ftype, pure=True)
     source = _tensors(f32_gguf)
     compared = 0
     for name, t in theirs.items():
@@ -92,7 +73,7 @@ def test_same_bytes_with_an_importance_matrix(f32_gguf, tmp_path):
     imatrix = {n: rng.gamma(2.0, 1.0, size=t.shape[0]).astype(np.float32)
                for n, t in source.items() if len(t.shape) == 2 and n != "token_embd.weight"}
     llama_ftype, qtype = FTYPES["iq4_xs"]
-    theirs = _llama_quantize(f32_gguf, tmp_path / "q.gguf", llama_ftype, imatrix)
+    theirs = llama_quantize(f32_gguf, tmp_path / "q.gguf", llama_ftype, pure=True, imatrix=imatrix)
     differs = 0
     for name, imp in imatrix.items():
         x = np.asarray(source[name].data, dtype=np.float32)

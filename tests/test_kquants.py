@@ -9,18 +9,17 @@ reference, so compiler differences (FMA) cannot make the test wrong.
 
 from __future__ import annotations
 
-import ctypes
-
 import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from llama_cpp import llama_cpp as L
 
 from mtool.cli import cli
 from mtool.convert.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
 from mtool.tiny import TinySpec, make_tiny_llama
+
+from .helpers import llama_quantize
 
 TYPES = ["q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k", "iq4_xs", "q3_k_l", "q4_k_s", "iq3_m"]
 MODELS = {
@@ -46,13 +45,6 @@ def models(tmp_path_factory):
     return out
 
 
-def _llama_quantize(src, dst, outtype):
-    params = L.llama_model_quantize_default_params()
-    params.ftype, params.nthread = int(gguf.LlamaFileType["MOSTLY_" + outtype.upper()]), 2
-    assert L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-    return {t.name: t for t in gguf.GGUFReader(str(dst)).tensors}
-
-
 @pytest.mark.parametrize("tag", list(MODELS))
 @pytest.mark.parametrize("outtype", TYPES)
 def test_one_pass_equals_llama_quantize(models, tmp_path, tag, outtype):
@@ -61,7 +53,7 @@ def test_one_pass_equals_llama_quantize(models, tmp_path, tag, outtype):
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(ours_path), "--outtype", outtype, "-q"])
     assert r.exit_code == 0, r.output + r.stderr
     ours = {t.name: t for t in gguf.GGUFReader(str(ours_path)).tensors}
-    theirs = _llama_quantize(bf16, tmp_path / "theirs.gguf", outtype)
+    theirs = llama_quantize(bf16, tmp_path / "theirs.gguf", int(gguf.LlamaFileType["MOSTLY_" + outtype.upper()]))
     assert ours.keys() == theirs.keys()
     for name, t in ours.items():
         assert t.tensor_type == theirs[name].tensor_type, (name, t.tensor_type.name, theirs[name].tensor_type.name)
@@ -130,3 +122,15 @@ def test_quantize_refuses_quantized_input(models, tmp_path):
     assert not out.exists()
     r = CliRunner().invoke(cli, ["quantize", str(q8), "-o", str(out), "--outtype", "iq2_xxs"])
     assert r.exit_code == 2 and "importance matrix" in r.stderr
+
+
+def test_quantize_bad_paths_are_one_line(models, tmp_path):
+    _, bf16 = models["llama"]
+    r = CliRunner().invoke(cli, ["quantize", str(bf16), "-o", str(tmp_path / "o.bin"), "--outtype", "q4_k_m"])
+    assert r.exit_code == 2 and "must end in .gguf" in r.stderr and r.stderr.count("\n") == 1
+    split = tmp_path / "m-00001-of-00002.gguf"  # the second shard is missing
+    split.write_bytes(bf16.read_bytes())
+    out = tmp_path / "o.gguf"
+    r = CliRunner().invoke(cli, ["quantize", str(split), "-o", str(out), "--outtype", "q4_k_m"])
+    assert r.exit_code == 2 and "m-00002-of-00002.gguf" in r.stderr and "is missing" in r.stderr
+    assert not out.exists()

@@ -222,7 +222,7 @@ def export_gguf(
     check_output_path(out, force=force, sources=sources, related=old_shards)
     t0 = time.perf_counter()
     planned, notes = plan_tensors(model, outtype)
-    n_fallbacks = sum("written as" in n for n in notes)
+    n_fallbacks = len(notes)  # plan_tensors notes only row-size fallbacks
     vocab = build_vocab(model.tokenizer_dir, model.vocab_size)
     if recipe is not None:
         recipe.check_family(model.family)
@@ -237,13 +237,8 @@ def export_gguf(
         w = gguf.GGUFWriter(tmp / out.name, "llama", split_max_size=split_max_size)
         _add_metadata(w, model, outtype, name or model.source.name)
         vocab.add_to(w)
-        for p in planned:
-            shape, dtype = writer_shape_dtype(p.shape, p.qtype)
-            w.add_tensor_info(p.gguf_name, shape, dtype, p.nbytes, raw_dtype=p.qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        bar = _progress(total_out, progress)
+        write_header(w, [(p.gguf_name, p.shape, p.qtype) for p in planned])
+        bar = progress_bar(total_out, progress)
         # Tensors are read, checked and encoded by worker threads (each torch op on one core)
         # while the main thread writes, in order, what they finished: on small machines the
         # write and the encoding then share the cores instead of taking turns.
@@ -281,12 +276,9 @@ def export_gguf(
         if bar:
             bar.close()
         w.close()
-        written = sorted(tmp.glob("*.gguf"))
-        files = commit_files(written, out.parent, replace=[out, *old_shards] if force else [])
+        files = commit_gguf(tmp, out, old_shards, force)
 
-    counts: dict[str, int] = {}
-    for p in planned:
-        counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+    counts = type_counts(p.qtype for p in planned)
     return GGUFResult(
         files=files, n_tensors=len(planned), bytes_in=model.total_bytes(), bytes_out=total_out,
         seconds=time.perf_counter() - t0, type_counts=counts, notes=notes, n_params=model.n_params(),
@@ -294,9 +286,32 @@ def export_gguf(
     )
 
 
-def _progress(total: int, enabled: bool):
+def write_header(w: gguf.GGUFWriter, infos: list[tuple[str, tuple[int, ...], Q]]) -> None:
+    """Announce every tensor (name, torch-order shape, type), then write header, metadata and
+    tensor infos: the data follows tensor by tensor."""
+    for name, shape, qtype in infos:
+        wshape, dtype = writer_shape_dtype(shape, qtype)
+        w.add_tensor_info(name, wshape, dtype, encoded_nbytes(shape, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+
+
+def commit_gguf(staging: Path, out: Path, old_shards: list[Path], force: bool) -> list[Path]:
+    """Move the finished file(s) from staging beside `out`, replacing the old ones with force."""
+    return commit_files(sorted(staging.glob("*.gguf")), out.parent, replace=[out, *old_shards] if force else [])
+
+
+def type_counts(qtypes) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for q in qtypes:
+        counts[q.name] = counts.get(q.name, 0) + 1
+    return counts
+
+
+def progress_bar(total: int, enabled: bool, desc: str = "writing GGUF"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="writing GGUF", leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)

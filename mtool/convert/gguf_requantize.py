@@ -18,9 +18,9 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..gguf_file import open_gguf
-from ..outputs import check_output_path, commit_files, output_transaction
-from .gguf_export import GGUFResult, shard_paths
-from .gguf_types import encode, encoded_nbytes, writer_shape_dtype
+from ..outputs import check_output_path, output_transaction
+from .gguf_export import GGUFResult, progress_bar, commit_gguf, shard_paths, type_counts, write_header
+from .gguf_types import encode, encoded_nbytes
 from .quant_policy import KQUANTS, plan_types
 
 Q = gguf.GGMLQuantizationType
@@ -100,18 +100,8 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
             w.add_key_value(key, field.contents(), vtype, sub)
         w.add_file_type(kq.file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for t in tensors:
-            shape, dtype = writer_shape_dtype(shapes[t.name], plan.types[t.name])
-            w.add_tensor_info(t.name, shape, dtype, encoded_nbytes(shapes[t.name], plan.types[t.name]),
-                              raw_dtype=plan.types[t.name])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="quantizing", leave=False)
+        write_header(w, [(t.name, shapes[t.name], plan.types[t.name]) for t in tensors])
+        bar = progress_bar(total, progress, "quantizing")
         for t in tensors:
             qtype = plan.types[t.name]
             if qtype == t.tensor_type:
@@ -128,10 +118,8 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
         if bar:
             bar.close()
         w.close()
-        files = commit_files(sorted(tx.dir.glob("*.gguf")), out.parent, replace=[out, *old_shards] if force else [])
-    counts: dict[str, int] = {}
-    for qt in plan.types.values():
-        counts[qt.name] = counts.get(qt.name, 0) + 1
+        files = commit_gguf(tx.dir, out, old_shards, force)
+    counts = type_counts(plan.types.values())
     in_bytes = sum(s.stat().st_size for s in shards)
     return GGUFResult(files=files, n_tensors=len(tensors), bytes_in=in_bytes, bytes_out=total,
                       seconds=time.perf_counter() - t0, type_counts=counts, notes=plan.fallbacks,

@@ -108,8 +108,7 @@ def _encode_rows(t: torch.Tensor, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(t.to(torch.float32).numpy(), qtype)
 
 
-def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, imatrix: np.ndarray | None = None,
-           name: str = "tensor") -> np.ndarray:
+def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, name: str = "tensor") -> np.ndarray:
     """Encode a float tensor as `qtype`; returns the bytes GGUF stores (as a numpy array).
 
     With `libggml` every quantized type is made by libggml's own kernels (the K-/I-quant files,
@@ -119,7 +118,7 @@ def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, imatrix: np.ndar
         from ..ggml import ggml
 
         rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()
-        out = ggml().quantize(rows, int(qtype), imatrix, name=name)
+        out = ggml().quantize(rows, int(qtype), name=name)
         return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
     if qtype == Q.F32:
         return t.to(torch.float32).numpy()

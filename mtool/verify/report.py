@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, VerifySetupError
-from ..gguf_file import gguf_metadata, is_gguf
+from ..gguf_file import is_gguf
 from .data import load_text, token_windows
 from .metrics import ParityAccumulator, json_safe
 from .reftok import ReferenceTokenizer, compare_tokenization
@@ -70,9 +70,9 @@ class VerifyReport:
         return "\n".join(lines + [verdict])
 
 
-def _artifact_type(cand: Path) -> str:
+def _artifact_type(cand: Path, cand_runner) -> str:
     if is_gguf(cand):
-        ft = gguf_metadata(cand).get("general.file_type")
+        ft = cand_runner.metadata.get("general.file_type")
         return FILE_TYPE_NAMES.get(ft, f"gguf-ftype-{ft}")
     from ..checkpoint import read_json
 
@@ -169,7 +169,7 @@ def run_verify(
         bar.close()
     metrics = acc.result()
     tokenization = compare_tokenization(ref_tok, text, cand, cand_runner)
-    kind = _artifact_type(cand)
+    kind = _artifact_type(cand, cand_runner)
     th = (thresholds or defaults_for(kind)).as_dict()
     th.update({k: v for k, v in (overrides or {}).items() if v is not None})
     failures = judge(metrics, th)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..device import resolve_device
 from ..errors import InputError, MtoolError
-from ..gguf_file import is_gguf, open_gguf
+from ..gguf_file import gguf_metadata, is_gguf, open_gguf
 
 
 class HFRunner:
@@ -53,7 +53,8 @@ class LlamaCppRunner:
         except ImportError:
             raise MtoolError("llama-cpp-python is not installed; it is needed to run GGUF files") from None
         self.path = Path(path)
-        open_gguf(self.path)  # garbage or truncated files: one clear line, not llama.cpp's abort
+        # garbage or truncated files: one clear line, not llama.cpp's abort; metadata kept for the report
+        self.metadata = gguf_metadata(self.path, open_gguf(self.path))
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         try:
             self.llm = llama_cpp.Llama(

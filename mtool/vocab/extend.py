@@ -316,14 +316,7 @@ def _plan_bpe(src_tok: Path, tokens: list[str], specials: list[str], old_vocab: 
                     report.intermediate.append(bytes(byte_dec[c] for c in merged).decode("utf-8", "replace"))
                 next_id += 1
             acc = merged
-    for s in specials:
-        if s in added_texts or s in vocab:
-            raise MtoolError(f"special token {s!r} is already in the vocabulary")
-        tj.setdefault("added_tokens", []).append({"id": next_id, "content": s, "single_word": False, "lstrip": False,
-                                                 "rstrip": False, "normalized": False, "special": True})
-        new_ids.append(next_id)
-        report.special.append(s)
-        next_id += 1
+    next_id = _add_json_specials(tj, specials, added_texts | set(vocab), next_id, new_ids, report)
     model["vocab"], model["merges"] = vocab, merges
     _write_json_tokenizer(src_tok, tj, bool(specials), work)
     return _Plan(work, {i: i for i in range(old_vocab)}, next_id, splits, new_ids)
@@ -391,16 +384,23 @@ def _plan_spm_json(src_tok: Path, tj: dict, tokens: list[str], specials: list[st
     merges = new_merges + pairs
     model["vocab"] = vocab
     model["merges"] = [list(m) for m in merges] if pair_style else [f"{a} {b}" for a, b in merges]
+    next_id = _add_json_specials(tj, specials, added_texts | set(vocab), next_id, new_ids, report)
+    _write_json_tokenizer(src_tok, tj, bool(specials), work)
+    return _Plan(work, {i: i for i in range(old_vocab)}, next_id, splits, new_ids)
+
+
+def _add_json_specials(tj: dict, specials: list[str], taken: set[str], next_id: int, new_ids: list[int],
+                       report: ExtendReport) -> int:
+    """Append `specials` to tokenizer.json's added tokens from id `next_id`; returns the next free id."""
     for s in specials:
-        if s in added_texts or s in vocab:
+        if s in taken:
             raise MtoolError(f"special token {s!r} is already in the vocabulary")
         tj.setdefault("added_tokens", []).append({"id": next_id, "content": s, "single_word": False, "lstrip": False,
                                                  "rstrip": False, "normalized": False, "special": True})
         new_ids.append(next_id)
         report.special.append(s)
         next_id += 1
-    _write_json_tokenizer(src_tok, tj, bool(specials), work)
-    return _Plan(work, {i: i for i in range(old_vocab)}, next_id, splits, new_ids)
+    return next_id
 
 
 def _write_json_tokenizer(src_tok: Path, tj: dict, specials: bool, work: Path) -> None:
