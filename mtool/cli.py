@@ -132,6 +132,37 @@ def cli(debug: bool) -> None:
     _setup_process()
 
 
+def _mixture_options(fn):
+    """The K-/I-quant options `convert` (to GGUF) and `quantize` share, as llama-quantize has them."""
+    opts = [
+        click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="Importance matrix: llama.cpp's GGUF format (from `mtool imatrix` or llama-imatrix) "
+                          "or its legacy .dat. Required by iq3_xxs, iq2_* and iq1_*."),
+        click.option("--tensor-type", "tensor_type", multiple=True, metavar="REGEX=TYPE",
+                     help="Type of the tensors whose GGUF name matches REGEX, e.g. attn_v=q8_0 (repeatable; "
+                          "first match wins)."),
+        click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
+        click.option("--token-embedding-type", default=None, metavar="TYPE", help="Type of token_embd.weight."),
+        click.option("--no-fallback", is_flag=True,
+                     help="Fail instead of writing a tensor whose rows do not fit its type in a bigger type."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _mixture(imatrix: Path | None, tensor_type: tuple[str, ...], output_tensor_type: str | None,
+             token_embedding_type: str | None, no_fallback: bool):
+    from .convert.imatrix_file import read_imatrix
+    from .convert.quant_policy import MixtureOptions, parse_tensor_type, parse_type
+
+    return MixtureOptions(
+        overrides=tuple(parse_tensor_type(t) for t in tensor_type),
+        output_type=parse_type(output_tensor_type, "--output-tensor-type") if output_tensor_type else None,
+        token_embedding_type=parse_type(token_embedding_type, "--token-embedding-type") if token_embedding_type else None,
+        allow_fallback=not no_fallback, imatrix=read_imatrix(imatrix) if imatrix else None)
+
+
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output file (.gguf) or directory.")
@@ -140,8 +171,9 @@ def cli(debug: bool) -> None:
 @click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
               type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", *KQUANTS]),
               help="GGUF tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or a K-/I-quant mixture "
-                   "(q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k iq4_nl iq4_xs iq3_s iq3_m) whose "
-                   "per-tensor types and bytes are llama-quantize's. Norms and 1-D tensors stay f32.")
+                   "(q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k iq4_nl iq4_xs iq3_s iq3_m; with "
+                   "--imatrix also iq3_xxs iq2_xxs iq2_xs iq2_s iq2_m iq1_s iq1_m) whose per-tensor types and "
+                   "bytes are llama-quantize's. Norms and 1-D tensors stay f32.")
 @click.option("--split-max-size", default=None, metavar="SIZE",
               help="Shards of at most SIZE (e.g. 2G, 500M). GGUF: llama.cpp loads the first shard. "
                    "HF: safetensors shard size (default 5G).")
@@ -161,12 +193,14 @@ def cli(debug: bool) -> None:
               help="Where GPTQ/AWQ run (cuda when available with auto).")
 @click.option("--expert-naming", type=click.Choice(["legacy", "gptqmodel"]), default="legacy", show_default=True,
               help="MoE expert tensor names: the source's legacy w1/w2/w3 (vLLM), or mlp.experts.E.*_proj (GPTQModel).")
+@_mixture_options
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: str | None, name: str | None,
             recipe: str | None, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
-            calib: Path | None, nsamples: int, seqlen: int, device: str, expert_naming: str, force: bool,
-            quiet: bool) -> None:
+            calib: Path | None, nsamples: int, seqlen: int, device: str, expert_naming: str,
+            imatrix: Path | None, tensor_type: tuple[str, ...], output_tensor_type: str | None,
+            token_embedding_type: str | None, no_fallback: bool, force: bool, quiet: bool) -> None:
     """Convert the HF checkpoint SRC to OUT.
 
     \b
@@ -179,6 +213,7 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     Examples:
       mtool convert ./SUS-Chat-34B -o sus-chat-34b-f16.gguf
       mtool convert ./Ziya2-13B-Chat -o ziya2-q8_0.gguf --outtype q8_0 --split-max-size 4G
+      mtool convert ./Huozi-3.5 -o huozi-q4_k_m.gguf --outtype q4_k_m --imatrix huozi.imatrix.gguf
       mtool convert ./TeleChat-12B -o telechat-12b-llama --to hf
       mtool convert ./Yi-34B -o yi-34b-gptq --to gptq --bits 4 --group-size 128 --calib wiki.txt --nsamples 128 --seqlen 512
       mtool convert ./Yi-34B -o yi-34b-awq --to awq --calib wiki.txt
@@ -193,6 +228,7 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
         raise UsageError(f"--to {to} writes a model directory, but OUT {out} ends in .gguf")
     _refuse_inapplicable(click.get_current_context(), to)
     split_bytes = parse_size(split_max_size)  # a bad size is refused before the source is opened
+    mixture = _mixture(imatrix, tensor_type, output_tensor_type, token_embedding_type, no_fallback)
     from .recipes import load_recipe
 
     rec = load_recipe(recipe) if recipe else None
@@ -218,7 +254,7 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     from .convert.gguf_export import export_gguf
 
     res = export_gguf(model, out, outtype=outtype, split_max_size=split_bytes, force=force,
-                      name=name, progress=not quiet, recipe=rec)
+                      name=name, progress=not quiet, recipe=rec, mixture=mixture)
     res.notes = res.notes[len(model.notes):]
     _report_gguf(res)
 
@@ -229,6 +265,8 @@ _OPTION_FORMATS = {
     "bits": {"gptq", "awq"}, "group_size": {"gptq", "awq"}, "sym": {"gptq"}, "desc_act": {"gptq"},
     "damp": {"gptq"}, "calib": {"gptq", "awq"}, "nsamples": {"gptq", "awq"}, "seqlen": {"gptq", "awq"},
     "device": {"gptq", "awq"}, "expert_naming": {"gptq", "awq"},
+    "imatrix": {"gguf"}, "tensor_type": {"gguf"}, "output_tensor_type": {"gguf"}, "token_embedding_type": {"gguf"},
+    "no_fallback": {"gguf"},
 }
 
 
@@ -282,11 +320,14 @@ def _quantize(model, out: Path, method: str, *, bits: int, group_size: int, sym:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
 @click.option("--outtype", required=True, type=click.Choice(list(KQUANTS)), metavar="TYPE",
-              help=f"K-/I-quant mixture: {' '.join(KQUANTS)} (types needing an importance matrix are refused).")
+              help=f"K-/I-quant mixture: {' '.join(KQUANTS)} (iq3_xxs, iq2_* and iq1_* need --imatrix).")
 @click.option("--split-max-size", default=None, metavar="SIZE", help="Shards of at most SIZE (e.g. 2G).")
+@_mixture_options
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def quantize(src: Path, out: Path, outtype: str, split_max_size: str | None, force: bool, quiet: bool) -> None:
+def quantize(src: Path, out: Path, outtype: str, split_max_size: str | None, imatrix: Path | None,
+             tensor_type: tuple[str, ...], output_tensor_type: str | None, token_embedding_type: str | None,
+             no_fallback: bool, force: bool, quiet: bool) -> None:
     """Re-quantize the f32/f16/bf16 GGUF SRC (single or split) to OUT, as llama-quantize does.
 
     Metadata and vocabulary are kept; each tensor gets llama.cpp's type for OUTTYPE and
@@ -296,12 +337,16 @@ def quantize(src: Path, out: Path, outtype: str, split_max_size: str | None, for
     \b
     Example:
       mtool quantize yi-34b-bf16.gguf -o yi-34b-q4_k_m.gguf --outtype q4_k_m
+      mtool quantize yi-34b-bf16.gguf -o yi-34b-iq2_m.gguf --outtype iq2_m --imatrix yi.imatrix.gguf \\
+          --tensor-type attn_v=q8_0 --output-tensor-type q8_0
     """
     from .checkpoint import parse_size
     from .convert.gguf_requantize import requantize_gguf
 
-    res = requantize_gguf(src, out, outtype, split_max_size=parse_size(split_max_size), force=force,
-                          progress=not quiet)
+    split_bytes = parse_size(split_max_size)
+    mixture = _mixture(imatrix, tensor_type, output_tensor_type, token_embedding_type, no_fallback)
+    res = requantize_gguf(src, out, outtype, split_max_size=split_bytes, force=force, progress=not quiet,
+                          mixture=mixture)
     _report_gguf(res)
 
 
@@ -315,6 +360,69 @@ def _report_gguf(res) -> None:
                f"{bpw} in {res.seconds:.1f} s; {res.n_fallbacks} fallback(s)")
     for f in res.files:
         click.echo(f"  {f}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output importance matrix (.gguf, llama.cpp's imatrix format).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (.txt, or .jsonl with 'text'). Default: the built-in English/Chinese sample.")
+@click.option("--nsamples", type=click.IntRange(min=1), default=16, show_default=True, help="Calibration windows (chunks).")
+@click.option("--seqlen", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens per window.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the layers run (cuda when available with auto).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def imatrix(src: Path, out: Path, calib: Path | None, nsamples: int, seqlen: int, device: str, force: bool,
+            quiet: bool) -> None:
+    """Compute the importance matrix of the HF checkpoint SRC on calibration text.
+
+    \b
+    The HF model runs in torch one decoder layer at a time (memory: one layer plus the
+    activations); for every weight of every block the squared inputs are summed per column, as
+    llama-imatrix does (MoE experts: over the tokens the router sends them, counted per expert).
+    The file is llama.cpp's GGUF imatrix format: `mtool convert/quantize --imatrix` and
+    llama-quantize both read it.
+
+    \b
+    Example:
+      mtool imatrix ./Huozi-3.5 -o huozi.imatrix.gguf --calib calib.txt --nsamples 128 --seqlen 512
+      mtool convert ./Huozi-3.5 -o huozi-iq2_m.gguf --outtype iq2_m --imatrix huozi.imatrix.gguf
+    """
+    from .convert.families import load_canonical
+    from .device import resolve_device
+    from .quantize.imatrix import make_imatrix
+
+    model = load_canonical(src)
+    for note in model.notes:
+        click.echo(f"note: {note}", err=True)
+    dev = resolve_device(device)
+    bar = None
+
+    def on_layer(rep) -> None:
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=model.n_layers, desc="imatrix layers", unit="layer", leave=False, initial=rep.index)
+        bar.update(1)
+
+    rep = make_imatrix(model, out, calib=calib, nsamples=nsamples, seqlen=seqlen, device=dev, force=force,
+                       on_layer=on_layer)
+    if bar:
+        bar.close()
+    click.echo(f"imatrix: {len(rep.imatrix.sums)} entries from {nsamples} x {seqlen} = {rep.tokens} tokens on {dev} "
+               f"in {rep.seconds:.1f} s ({rep.tokens / max(rep.seconds, 1e-9):.0f} tokens/s)")
+    for lr in rep.layers:
+        if lr.expert_tokens is not None:
+            click.echo(f"  layer {lr.index:>3}: routed tokens per expert {lr.expert_tokens}")
+    for name, k in rep.imatrix.starved().items():
+        click.echo(f"note: {k} expert(s) of {name} saw no calibration token (importances 1.0 there); "
+                   f"use more or more varied calibration text", err=True)
+    click.echo(f"  {rep.out}")
 
 
 @cli.command()

@@ -43,9 +43,11 @@ def dir_listing(path: Path) -> set[str]:
 
 
 def llama_quantize(src: Path, dst: Path, ftype: int, *, pure: bool = False,
-                   imatrix: dict[str, np.ndarray] | None = None) -> dict:
+                   imatrix: dict[str, np.ndarray] | None = None, tensor_types: dict[str, int] | None = None,
+                   output_type: int | None = None, token_embedding_type: int | None = None) -> dict:
     """llama.cpp's own quantizer (`llama_model_quantize` of the installed llama-cpp-python) on a
-    GGUF file; returns the output's tensors by name. `pure`: every matrix gets the base type."""
+    GGUF file; returns the output's tensors by name. `pure`: every matrix gets the base type;
+    `tensor_types`: regex -> ggml type (llama-quantize's --tensor-type)."""
     import ctypes
 
     import gguf
@@ -65,6 +67,48 @@ def llama_quantize(src: Path, dst: Path, ftype: int, *, pure: bool = False,
         arr[len(imatrix)].name = None
         keep.append(arr)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(L.llama_model_imatrix_data))
+    if tensor_types:
+        tt = (L.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, qtype) in enumerate(tensor_types.items()):
+            tt[i].pattern, tt[i].type = pattern.encode(), int(qtype)
+        tt[len(tensor_types)].pattern = None
+        keep.append(tt)
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(L.llama_model_tensor_override))
+    if output_type is not None:
+        params.output_tensor_type = int(output_type)
+    if token_embedding_type is not None:
+        params.token_embedding_type = int(token_embedding_type)
     rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize failed ({rc})"
     return {t.name: t for t in gguf.GGUFReader(str(dst)).tensors}
+
+
+def imatrix_importances(path: Path) -> dict[str, np.ndarray]:
+    """Importances of a GGUF imatrix file as llama-quantize's load_imatrix hands them to the
+    quantizer (sum / count per expert row, 1.0 for an expert without tokens), read with gguf-py."""
+    import gguf
+
+    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(str(path)).tensors}
+    out = {}
+    for name, sums in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        counts = np.rint(tensors[base + ".counts"].reshape(-1)).astype(np.float32)
+        rows = sums.reshape(len(counts), -1)
+        vals = np.empty_like(rows)
+        for j, c in enumerate(counts):
+            vals[j] = rows[j] / c if c > 0 else 1.0
+        out[base] = vals.reshape(-1)
+    return out
+
+
+def same_tensors(a: Path, b: dict) -> None:
+    """The GGUF at `a` holds exactly the tensors `b` (name -> ReaderTensor): types and bytes."""
+    import gguf
+
+    ours = {t.name: t for t in gguf.GGUFReader(str(a)).tensors}
+    assert ours.keys() == b.keys()
+    for name, t in ours.items():
+        assert t.tensor_type == b[name].tensor_type, (name, t.tensor_type.name, b[name].tensor_type.name)
+        assert np.asarray(t.data).tobytes() == np.asarray(b[name].data).tobytes(), name

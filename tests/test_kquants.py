@@ -86,7 +86,7 @@ def test_kquant_gguf_verifies_against_hf(trained, tmp_path, outtype):
 def test_imatrix_types_are_refused_before_any_work(trained, tmp_path):
     out = tmp_path / "x.gguf"
     r = CliRunner().invoke(cli, ["convert", str(trained), "-o", str(out), "--outtype", "iq2_xxs"])
-    assert r.exit_code == 2 and "needs an importance matrix" in r.stderr
+    assert r.exit_code == 2 and "needs an importance matrix" in r.stderr and "--imatrix" in r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -120,8 +120,6 @@ def test_quantize_refuses_quantized_input(models, tmp_path):
     r = CliRunner().invoke(cli, ["quantize", str(q8), "-o", str(out), "--outtype", "q4_k_m"])
     assert r.exit_code == 2 and "holds quantized tensors" in r.stderr and r.stderr.count("\n") == 1
     assert not out.exists()
-    r = CliRunner().invoke(cli, ["quantize", str(q8), "-o", str(out), "--outtype", "iq2_xxs"])
-    assert r.exit_code == 2 and "importance matrix" in r.stderr
 
 
 def test_quantize_bad_paths_are_one_line(models, tmp_path):

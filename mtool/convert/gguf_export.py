@@ -25,6 +25,8 @@ from ..outputs import check_output_path, commit_files, output_transaction
 from .canonical import CanonicalModel, LazyTensor, rope_settings
 from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
 from .gguf_vocab import apply_recipe, build_vocab
+from .imatrix_file import add_imatrix_metadata, importances_for
+from .quant_policy import KQUANTS, MixtureOptions, plan_mixture
 
 PREPARE_WORKERS = 2  # tensors encoded concurrently (each holds one tensor in memory)
 INFLIGHT_BYTES = 256 * 2**20  # encoded bytes queued ahead of the writer
@@ -84,7 +86,8 @@ def _transform(model: CanonicalModel, name: str, t: torch.Tensor) -> torch.Tenso
     return t
 
 
-def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTensor], list[str]]:
+def plan_tensors(model: CanonicalModel, outtype: str,
+                 mixture: MixtureOptions | None = None) -> tuple[list[PlannedTensor], list[str]]:
     """GGUF name, type and size of every tensor, from shapes alone."""
     ot = OUTTYPES[outtype]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.n_layers)
@@ -96,7 +99,7 @@ def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTenso
         m = _EXPERT.match(lt.name)
         if m:
             layer, expert, w = int(m.group(1)), int(m.group(2)), m.group(3)
-            gname = gguf.TENSOR_NAMES[_EXPERT_GGUF[w]].format(bid=layer) + ".weight"
+            gname = expert_gguf_name(layer, w)
             if gname not in stacks:
                 stacks[gname] = PlannedTensor(gname, lt.shape, Q.F32, 0, [])
                 planned.append(stacks[gname])
@@ -112,24 +115,38 @@ def plan_tensors(model: CanonicalModel, outtype: str) -> tuple[list[PlannedTenso
     for p in planned:
         if p.gguf_name in stacks:
             p.shape = (len(p.parts), *p.parts[0].shape)
-    mixture = None
+    mix = None
     if ot.mixture:
-        from .quant_policy import KQUANTS, plan_types
-
         cfg = model.config
-        mixture = plan_types({p.gguf_name: p.shape for p in planned}, KQUANTS[outtype], n_head=model.n_heads,
-                             n_head_kv=model.n_kv_heads, n_expert=int(cfg.get("num_local_experts") or 0),
-                             n_layer=model.n_layers, has_imatrix=False)
-        notes += mixture.fallbacks
+        mix = plan_mixture({p.gguf_name: p.shape for p in planned}, KQUANTS[outtype], mixture or MixtureOptions(),
+                           n_head=model.n_heads, n_head_kv=model.n_kv_heads,
+                           n_expert=int(cfg.get("num_local_experts") or 0), n_layer=model.n_layers)
+        notes += mix.fallbacks
+    elif mixture is not None and mixture.customized:
+        raise UsageError(f"--imatrix, --tensor-type, --output-tensor-type, --token-embedding-type and --no-fallback "
+                         f"apply to the K-/I-quant types, not to --outtype {outtype}")
     for p in planned:
-        if mixture is not None:
-            p.qtype = mixture.types[p.gguf_name]
+        if mix is not None:
+            p.qtype = mix.types[p.gguf_name]
         else:
             p.qtype, note = choose_qtype(p.gguf_name, p.shape, ot, tied=model.tied)
             if note:
                 notes.append(note)
         p.nbytes = encoded_nbytes(p.shape, p.qtype)
     return planned, notes
+
+
+def expert_gguf_name(layer: int, w: str) -> str:
+    """GGUF name of the stacked expert tensor of canonical projection w1/w2/w3 in `layer`."""
+    return gguf.TENSOR_NAMES[_EXPERT_GGUF[w]].format(bid=layer) + ".weight"
+
+
+def gguf_name(model: CanonicalModel, canonical: str) -> str:
+    """GGUF name of a (non-expert) canonical tensor."""
+    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.n_layers).get_name(canonical, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise MtoolError(f"no GGUF name for tensor {canonical}")
+    return name
 
 
 def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name: str) -> None:
@@ -169,7 +186,7 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, libggml: bool = False):
+def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, libggml: bool = False, imp=None):
     t = lt.load()
     if tuple(t.shape) != lt.shape:
         raise MtoolError(f"tensor {lt.name}: read shape {list(t.shape)}, header said {list(lt.shape)}")
@@ -178,20 +195,21 @@ def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, libggml: bool
     amax = check_finite(t, lt.name)
     if qtype == Q.F16 and amax > F16_MAX:
         raise InputError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
-    return encode(_transform(model, lt.name, t), qtype, libggml=libggml, name=lt.name)
+    return encode(_transform(model, lt.name, t), qtype, libggml=libggml, name=lt.name, imatrix=imp)
 
 
-def _prepare(model: CanonicalModel, p: PlannedTensor, libggml: bool = False):
+def _prepare(model: CanonicalModel, p: PlannedTensor, libggml: bool = False, imp: np.ndarray | None = None):
     """Read, check, transform and encode one GGUF tensor (runs in a worker thread).
 
     Stacked expert tensors are encoded part by part into their slice of the output, so
     only one expert's source is in memory beside the output."""
     if not p.stacked:
-        return _prepare_part(model, p.parts[0], p.qtype, libggml)
+        return _prepare_part(model, p.parts[0], p.qtype, libggml, imp)
     shape, dtype = writer_shape_dtype(p.shape, p.qtype)
     out = np.empty(shape, dtype=dtype)
-    for i, part in enumerate(p.parts):
-        out[i] = _prepare_part(model, part, p.qtype, libggml)
+    n = p.shape[-1]
+    for i, part in enumerate(p.parts):  # each expert quantized with its own slice of importances
+        out[i] = _prepare_part(model, part, p.qtype, libggml, None if imp is None else imp[i * n : (i + 1) * n])
     return out
 
 
@@ -205,24 +223,27 @@ def export_gguf(
     name: str | None = None,
     progress: bool = True,
     recipe=None,
+    mixture: MixtureOptions | None = None,
 ) -> GGUFResult:
-    """Write `model` as GGUF at `out` (or as split shards next to it)."""
+    """Write `model` as GGUF at `out` (or as split shards next to it). `mixture`: the options
+    of a K-/I-quant --outtype (importance matrix, per-tensor overrides, fallbacks)."""
     if outtype not in OUTTYPES:
         raise UsageError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"GGUF output {out} must end in .gguf")
-    from .quant_policy import KQUANTS
-
-    if outtype in KQUANTS and KQUANTS[outtype].needs_imatrix:
-        raise UsageError(f"--outtype {outtype} needs an importance matrix, which mtool cannot compute or read yet "
-                         f"(use iq3_s, iq4_xs or a K-quant)")
     old_shards = shard_paths(out)
     sources = [model.source, model.tokenizer_dir]
     check_output_path(out, force=force, sources=sources, related=old_shards)
     t0 = time.perf_counter()
-    planned, notes = plan_tensors(model, outtype)
+    planned, notes = plan_tensors(model, outtype, mixture)
     n_fallbacks = len(notes)  # plan_tensors notes only row-size fallbacks
+    imatrix = mixture.imatrix if mixture else None
+    imps: dict[str, np.ndarray] = {}
+    if OUTTYPES[outtype].mixture:
+        quantized = {p.gguf_name: (p.shape, p.qtype.name) for p in planned if p.qtype not in (Q.F32, Q.F16, Q.BF16)}
+        imps, im_notes = importances_for(imatrix, quantized, {p.gguf_name for p in planned}, outtype)
+        notes += im_notes
     vocab = build_vocab(model.tokenizer_dir, model.vocab_size)
     if recipe is not None:
         recipe.check_family(model.family)
@@ -237,6 +258,8 @@ def export_gguf(
         w = gguf.GGUFWriter(tmp / out.name, "llama", split_max_size=split_max_size)
         _add_metadata(w, model, outtype, name or model.source.name)
         vocab.add_to(w)
+        if imatrix is not None:
+            add_imatrix_metadata(w, imatrix)
         write_header(w, [(p.gguf_name, p.shape, p.qtype) for p in planned])
         bar = progress_bar(total_out, progress)
         # Tensors are read, checked and encoded by worker threads (each torch op on one core)
@@ -259,7 +282,8 @@ def export_gguf(
                     while todo and len(ahead) <= n_workers and (not ahead or inflight + todo[0].nbytes <= budget):
                         p = todo.popleft()
                         inflight += p.nbytes
-                        ahead.append((p, pool.submit(_prepare, model, p, OUTTYPES[outtype].mixture)))
+                        ahead.append((p, pool.submit(_prepare, model, p, OUTTYPES[outtype].mixture,
+                                                     imps.get(p.gguf_name))))
 
                 fill()
                 while ahead:

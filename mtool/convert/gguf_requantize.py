@@ -21,7 +21,8 @@ from ..gguf_file import open_gguf
 from ..outputs import check_output_path, output_transaction
 from .gguf_export import GGUFResult, progress_bar, commit_gguf, shard_paths, type_counts, write_header
 from .gguf_types import encode, encoded_nbytes
-from .quant_policy import KQUANTS, plan_types
+from .imatrix_file import add_imatrix_metadata, importances_for
+from .quant_policy import KQUANTS, MixtureOptions, plan_mixture
 
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -50,8 +51,17 @@ def _as_float32(t) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
+def _encode(x, qtype: Q, name: str, imp: np.ndarray | None) -> np.ndarray:
+    """libggml's bytes; a 3-D expert tensor is quantized expert by expert with its own importances."""
+    if imp is None or x.dim() < 3:
+        return encode(x, qtype, libggml=True, name=name, imatrix=imp)
+    n = x.shape[-1]
+    return np.stack([encode(x[e], qtype, libggml=True, name=name, imatrix=imp[e * n : (e + 1) * n])
+                     for e in range(x.shape[0])])
+
+
 def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int = 0, force: bool = False,
-                    progress: bool = True) -> GGUFResult:
+                    progress: bool = True, mixture: MixtureOptions | None = None) -> GGUFResult:
     """Write `src` (f32/f16/bf16 GGUF) re-quantized as K-/I-quant mixture `outtype` at `out`."""
     import torch
 
@@ -59,8 +69,7 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
     if outtype not in KQUANTS:
         raise UsageError(f"--outtype {outtype} is not a K-/I-quant mixture (choose from {', '.join(KQUANTS)})")
     kq = KQUANTS[outtype]
-    if kq.needs_imatrix:
-        raise UsageError(f"--outtype {outtype} needs an importance matrix, which mtool cannot read yet")
+    mixture = mixture or MixtureOptions()
     if out.suffix != ".gguf":
         raise UsageError(f"GGUF output {out} must end in .gguf")
     shards = input_shards(src)
@@ -83,9 +92,11 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
         return int(f.contents()) if f is not None else default
 
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in tensors}  # torch order: ne0 last
-    plan = plan_types(shapes, kq, n_head=hp("attention.head_count"), n_head_kv=hp("attention.head_count_kv",
-                      hp("attention.head_count")), n_expert=hp("expert_count"), n_layer=hp("block_count"),
-                      has_imatrix=False)
+    plan = plan_mixture(shapes, kq, mixture, n_head=hp("attention.head_count"),
+                        n_head_kv=hp("attention.head_count_kv", hp("attention.head_count")),
+                        n_expert=hp("expert_count"), n_layer=hp("block_count"))
+    quantized = {n: (shapes[n], q.name) for n, q in plan.types.items() if q not in FLOAT_TYPES}
+    imps, im_notes = importances_for(mixture.imatrix, quantized, set(shapes), outtype)
     total = sum(encoded_nbytes(shapes[t.name], plan.types[t.name]) for t in tensors)
     meta_bytes = sum(int(f.parts[-1].nbytes) + 64 for f in first.fields.values()) if first.fields else 0
     t0 = time.perf_counter()
@@ -100,6 +111,8 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
             w.add_key_value(key, field.contents(), vtype, sub)
         w.add_file_type(kq.file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if mixture.imatrix is not None:
+            add_imatrix_metadata(w, mixture.imatrix)
         write_header(w, [(t.name, shapes[t.name], plan.types[t.name]) for t in tensors])
         bar = progress_bar(total, progress, "quantizing")
         for t in tensors:
@@ -110,8 +123,8 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
                 x = _as_float32(t)
                 if not np.isfinite(x).all():
                     raise InputError(f"tensor {t.name} of {src} contains NaN or Inf values")
-                data = encode(torch.from_numpy(np.ascontiguousarray(x)).reshape(shapes[t.name]), qtype,
-                              libggml=True, name=t.name)
+                data = _encode(torch.from_numpy(np.ascontiguousarray(x)).reshape(shapes[t.name]), qtype, t.name,
+                               imps.get(t.name))
             w.write_tensor_data(data)
             if bar:
                 bar.update(encoded_nbytes(shapes[t.name], qtype))
@@ -122,5 +135,5 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
     counts = type_counts(plan.types.values())
     in_bytes = sum(s.stat().st_size for s in shards)
     return GGUFResult(files=files, n_tensors=len(tensors), bytes_in=in_bytes, bytes_out=total,
-                      seconds=time.perf_counter() - t0, type_counts=counts, notes=plan.fallbacks,
+                      seconds=time.perf_counter() - t0, type_counts=counts, notes=plan.fallbacks + im_notes,
                       n_params=sum(int(t.n_elements) for t in tensors), n_fallbacks=len(plan.fallbacks))

@@ -108,17 +108,19 @@ def _encode_rows(t: torch.Tensor, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(t.to(torch.float32).numpy(), qtype)
 
 
-def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, name: str = "tensor") -> np.ndarray:
+def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, name: str = "tensor",
+           imatrix: np.ndarray | None = None) -> np.ndarray:
     """Encode a float tensor as `qtype`; returns the bytes GGUF stores (as a numpy array).
 
     With `libggml` every quantized type is made by libggml's own kernels (the K-/I-quant files,
-    whose fallback types must match llama-quantize byte for byte too)."""
+    whose fallback types must match llama-quantize byte for byte too); `imatrix` then holds one
+    importance per column."""
     t = t.contiguous()
     if libggml and qtype not in (Q.F32, Q.F16, Q.BF16):
         from ..ggml import ggml
 
         rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()
-        out = ggml().quantize(rows, int(qtype), name=name)
+        out = ggml().quantize(rows, int(qtype), imatrix, name=name)
         return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
     if qtype == Q.F32:
         return t.to(torch.float32).numpy()

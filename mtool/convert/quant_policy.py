@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import gguf
 
+from ..errors import UsageError
+
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 
@@ -221,6 +223,49 @@ def llama_order(names: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
+# the types --tensor-type, --output-tensor-type and --token-embedding-type may name
+OVERRIDE_TYPES = {q.name.lower(): q for q in (
+    Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M, Q.IQ4_NL, Q.IQ4_XS)}
+
+
+@dataclass(frozen=True)
+class MixtureOptions:
+    """What a user may change about a K-/I-quant mixture, as llama-quantize's flags do."""
+
+    overrides: tuple[tuple[re.Pattern, Q], ...] = ()  # --tensor-type REGEX=TYPE, first match wins
+    output_type: Q | None = None  # --output-tensor-type
+    token_embedding_type: Q | None = None  # --token-embedding-type
+    allow_fallback: bool = True  # --no-fallback turns a row-size fallback into an error
+    imatrix: object | None = None  # an ImportanceMatrix (convert/imatrix_file.py)
+
+    @property
+    def customized(self) -> bool:
+        return bool(self.overrides or self.output_type or self.token_embedding_type or not self.allow_fallback
+                    or self.imatrix is not None)
+
+
+def parse_type(text: str, option: str) -> Q:
+    """A ggml type name as llama-quantize accepts it (case-insensitive: q8_0, Q4_K, iq4_nl, f16)."""
+    q = OVERRIDE_TYPES.get(text.strip().lower())
+    if q is None:
+        raise UsageError(f"{option}: unknown tensor type {text!r} (choose from {', '.join(OVERRIDE_TYPES)})")
+    return q
+
+
+def parse_tensor_type(spec: str) -> tuple[re.Pattern, Q]:
+    """--tensor-type REGEX=TYPE; the pattern is lower-cased and searched in the GGUF tensor name,
+    as llama-quantize does (e.g. attn_v=q8_0, 'blk\\.[0-3]\\.ffn_down=q6_k')."""
+    pattern, sep, qtype = spec.rpartition("=")
+    if not sep or not pattern or not qtype:
+        raise UsageError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. attn_v=q8_0")
+    try:
+        rx = re.compile(pattern.lower())
+    except re.error as e:
+        raise UsageError(f"--tensor-type {spec!r}: bad regular expression ({e})") from None
+    return rx, parse_type(qtype, "--tensor-type")
+
+
 @dataclass
 class TypePlan:
     """The chosen type of every tensor, and what the run should report."""
@@ -263,6 +308,18 @@ def plan_types(shapes: dict[str, tuple[int, ...]], kq: KQuant, *, n_head: int, n
             else:
                 new = _evaluate(c, counters, tied)
         plan.types[name] = _fallback(name, shape[-1], new, plan)
+    return plan
+
+
+def plan_mixture(shapes: dict[str, tuple[int, ...]], kq: KQuant, opts: MixtureOptions, *, n_head: int,
+                 n_head_kv: int, n_expert: int, n_layer: int) -> TypePlan:
+    """plan_types with the user's options; --no-fallback refuses a plan that needs a fallback."""
+    plan = plan_types(shapes, kq, n_head=n_head, n_head_kv=n_head_kv, n_expert=n_expert, n_layer=n_layer,
+                      has_imatrix=opts.imatrix is not None, overrides=opts.overrides, output_type=opts.output_type,
+                      token_embedding_type=opts.token_embedding_type)
+    if plan.fallbacks and not opts.allow_fallback:
+        raise UsageError(f"--no-fallback: {plan.fallbacks[0]}" + (f" (and {len(plan.fallbacks) - 1} more)"
+                                                                   if len(plan.fallbacks) > 1 else ""))
     return plan
 
 
