@@ -352,8 +352,11 @@ def quantize(src: Path, out: Path, outtype: str, split_max_size: str | None, ima
 
 def _report_gguf(res) -> None:
     """Types, fallbacks and effective bits per weight of a written GGUF (fallbacks inflate size)."""
-    for note in res.notes:
+    fallbacks = [n for n in res.notes if " do not fit " in n]
+    for note in [n for n in res.notes if n not in fallbacks] + fallbacks[:3]:
         click.echo(f"note: {note}", err=True)
+    if len(fallbacks) > 3:
+        click.echo(f"note: ... and {len(fallbacks) - 3} more tensor(s) written in a fallback type", err=True)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.type_counts.items()))
     bpw = f", {8 * res.bytes_out / res.n_params:.2f} bits per weight" if res.n_params else ""
     click.echo(f"wrote {len(res.files)} file(s), {res.n_tensors} tensors ({types}), {res.bytes_out / 1e6:.1f} MB"

@@ -111,6 +111,10 @@ def plan_tensors(model: CanonicalModel, outtype: str,
         if gname is None:
             raise MtoolError(f"no GGUF name for tensor {lt.name}")
         planned.append(PlannedTensor(gname, lt.shape, Q.F32, 0, [lt]))
+    freqs = llama3_rope_factors(model)
+    if freqs is not None:  # llama.cpp's converter writes it before the model's tensors
+        planned.insert(0, PlannedTensor(ROPE_FREQS, tuple(freqs.shape), Q.F32, 0,
+                                        [LazyTensor("rope_freqs", tuple(freqs.shape), torch.float32, lambda: freqs)]))
     notes = []
     for p in planned:
         if p.gguf_name in stacks:
@@ -134,6 +138,37 @@ def plan_tensors(model: CanonicalModel, outtype: str,
                 notes.append(note)
         p.nbytes = encoded_nbytes(p.shape, p.qtype)
     return planned, notes
+
+
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+
+
+def llama3_rope_factors(model: CanonicalModel) -> torch.Tensor | None:
+    """Llama 3 rope scaling (`rope_type: llama3`) as llama.cpp expects it: no metadata, a
+    `rope_freqs` tensor of per-frequency divisors, computed exactly as its converter does
+    (conversion/llama.py, generate_extra_tensors), so the files are the same."""
+    import math
+
+    theta, scaling = rope_settings(model.config)
+    if not scaling or str(scaling.get("rope_type", scaling.get("type", ""))).lower() != "llama3":
+        return None
+    dim = model.head_dim
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = scaling.get("factor", 8.0)
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_ctx = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def expert_gguf_name(layer: int, w: str) -> str:
@@ -171,12 +206,15 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
         if kind == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(scaling["factor"]))
+        elif str(kind).lower() == "llama3":
+            pass  # the rope_freqs tensor carries it (llama3_rope_factors)
         elif kind == "yarn":
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(float(scaling["factor"]))
             w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
         else:
-            raise MtoolError(f"rope scaling type {kind!r} in config.json is not supported for GGUF yet")
+            raise UsageError(f"rope scaling type {kind!r} in config.json is not supported for GGUF yet "
+                             f"(supported: linear, yarn, llama3)")
     if cfg.get("num_local_experts"):
         w.add_expert_count(int(cfg["num_local_experts"]))
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))

@@ -9,8 +9,10 @@ read from the mapped input one at a time; memory stays at about one tensor.
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -44,11 +46,23 @@ def input_shards(path: Path) -> list[Path]:
     return shards
 
 
-def _as_float32(t) -> np.ndarray:
-    data = np.asarray(t.data)
-    if t.tensor_type == Q.BF16:  # bf16 -> f32 is exact: the bits go to the high half
-        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(data.shape[:-1] + (-1,))
-    return data.astype(np.float32, copy=False)
+_TORCH_DTYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
+
+
+def _load(fd: int, t, qtype: Q, src: Path):
+    """One tensor's bytes (kept as they are when its type stays), or its values as a float32
+    torch tensor [rows, cols] checked for NaN/Inf (torch converts bf16/f16 on all cores)."""
+    import torch
+
+    buf = np.empty(int(t.n_bytes), dtype=np.uint8)
+    if os.preadv(fd, [buf], int(t.data_offset)) != buf.nbytes:
+        raise InputError(f"{src} is truncated: tensor {t.name} ends past the end of the file")
+    if qtype == t.tensor_type:
+        return buf  # norms, router: copied as they are
+    x = torch.from_numpy(buf).view(getattr(torch, _TORCH_DTYPES[t.tensor_type])).to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise InputError(f"tensor {t.name} of {src} contains NaN or Inf values")
+    return x
 
 
 def _encode(x, qtype: Q, name: str, imp: np.ndarray | None) -> np.ndarray:
@@ -63,8 +77,6 @@ def _encode(x, qtype: Q, name: str, imp: np.ndarray | None) -> np.ndarray:
 def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int = 0, force: bool = False,
                     progress: bool = True, mixture: MixtureOptions | None = None) -> GGUFResult:
     """Write `src` (f32/f16/bf16 GGUF) re-quantized as K-/I-quant mixture `outtype` at `out`."""
-    import torch
-
     src, out = Path(src), Path(out)
     if outtype not in KQUANTS:
         raise UsageError(f"--outtype {outtype} is not a K-/I-quant mixture (choose from {', '.join(KQUANTS)})")
@@ -115,19 +127,25 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
             add_imatrix_metadata(w, mixture.imatrix)
         write_header(w, [(t.name, shapes[t.name], plan.types[t.name]) for t in tensors])
         bar = progress_bar(total, progress, "quantizing")
-        for t in tensors:
-            qtype = plan.types[t.name]
-            if qtype == t.tensor_type:
-                data = np.asarray(t.data)  # norms, router: copied as they are
-            else:
-                x = _as_float32(t)
-                if not np.isfinite(x).all():
-                    raise InputError(f"tensor {t.name} of {src} contains NaN or Inf values")
-                data = _encode(torch.from_numpy(np.ascontiguousarray(x)).reshape(shapes[t.name]), qtype, t.name,
-                               imps.get(t.name))
-            w.write_tensor_data(data)
-            if bar:
-                bar.update(encoded_nbytes(shapes[t.name], qtype))
+        # Tensors are read with pread (not through the reader's memory map, whose touched pages
+        # would stay resident: RSS would grow with the file) one ahead of the quantizer.
+        fds = {s: os.open(s, os.O_RDONLY) for s in shards}
+        try:
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                items = [(fds[shard], t, plan.types[t.name]) for shard, r in zip(shards, readers) for t in r.tensors]
+                nxt = reader.submit(_load, *items[0], src) if items else None
+                for k, (_, t, qtype) in enumerate(items):
+                    data = nxt.result()
+                    nxt = reader.submit(_load, *items[k + 1], src) if k + 1 < len(items) else None
+                    if qtype != t.tensor_type:
+                        data = _encode(data.reshape(shapes[t.name]), qtype, t.name, imps.get(t.name))
+                    w.write_tensor_data(data)
+                    del data
+                    if bar:
+                        bar.update(encoded_nbytes(shapes[t.name], qtype))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         if bar:
             bar.close()
         w.close()
