@@ -33,7 +33,6 @@ class KQuant:
     name: str
     file_type: FT
     default: Q
-    needs_imatrix: bool = False  # refused without one (the low-bit I-quants)
 
 
 KQUANTS: dict[str, KQuant] = {k.name: k for k in (
@@ -44,10 +43,10 @@ KQUANTS: dict[str, KQuant] = {k.name: k for k in (
     KQuant("q6_k", FT.MOSTLY_Q6_K, Q.Q6_K), KQuant("iq4_nl", FT.MOSTLY_IQ4_NL, Q.IQ4_NL),
     KQuant("iq4_xs", FT.MOSTLY_IQ4_XS, Q.IQ4_XS), KQuant("iq3_s", FT.MOSTLY_IQ3_S, Q.IQ3_S),
     KQuant("iq3_m", FT.MOSTLY_IQ3_M, Q.IQ3_S),
-    KQuant("iq3_xxs", FT.MOSTLY_IQ3_XXS, Q.IQ3_XXS, True), KQuant("iq2_xxs", FT.MOSTLY_IQ2_XXS, Q.IQ2_XXS, True),
-    KQuant("iq2_xs", FT.MOSTLY_IQ2_XS, Q.IQ2_XS, True), KQuant("iq2_s", FT.MOSTLY_IQ2_S, Q.IQ2_XS, True),
-    KQuant("iq2_m", FT.MOSTLY_IQ2_M, Q.IQ2_S, True), KQuant("iq1_s", FT.MOSTLY_IQ1_S, Q.IQ1_S, True),
-    KQuant("iq1_m", FT.MOSTLY_IQ1_M, Q.IQ1_M, True),
+    KQuant("iq3_xxs", FT.MOSTLY_IQ3_XXS, Q.IQ3_XXS), KQuant("iq2_xxs", FT.MOSTLY_IQ2_XXS, Q.IQ2_XXS),
+    KQuant("iq2_xs", FT.MOSTLY_IQ2_XS, Q.IQ2_XS), KQuant("iq2_s", FT.MOSTLY_IQ2_S, Q.IQ2_XS),
+    KQuant("iq2_m", FT.MOSTLY_IQ2_M, Q.IQ2_S), KQuant("iq1_s", FT.MOSTLY_IQ1_S, Q.IQ1_S),
+    KQuant("iq1_m", FT.MOSTLY_IQ1_M, Q.IQ1_M),
 )}
 
 # category by name, first match wins (tensor_get_category)

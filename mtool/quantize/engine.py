@@ -66,10 +66,6 @@ def hf_config_object(model: CanonicalModel):
     return cfg
 
 
-def expert_linears(n_experts: int) -> tuple[str, ...]:
-    return tuple(f"block_sparse_moe.experts.{e}.{w}" for e in range(n_experts) for w in ("w1", "w3", "w2"))
-
-
 class LayerRunner:
     """Builds decoder layers from canonical tensors and runs them over the calibration activations."""
 
@@ -425,12 +421,3 @@ def iter_quantized_layers(model: CanonicalModel, ids: torch.Tensor,
         x = runner.forward(layer, x)  # the quantized layer feeds the next
         yield i, layer, results, LayerReport(i, time.perf_counter() - t0, errors, runner.expert_tokens, runner.stat_tokens)
         del layer
-
-
-def fp_forward_check(model: CanonicalModel, ids: torch.Tensor) -> torch.Tensor:
-    """Final hidden states through the layer runner without quantization (tests the runner)."""
-    runner = LayerRunner(model, ids, QuantSettings("none"))
-    x = runner.x
-    for i in range(model.n_layers):
-        x = runner.forward(runner.layer(i), x)
-    return x
