@@ -132,6 +132,50 @@ def cli(debug: bool) -> None:
     _setup_process()
 
 
+def _calibration_options(device_help: str):
+    """--calib, --nsamples, --seqlen and --device of the commands that run the model on calibration text."""
+    opts = [
+        click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help="Calibration text (.txt, or .jsonl with 'text'). Default: the built-in English/Chinese sample."),
+        click.option("--nsamples", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Calibration windows (llama.cpp: chunks)."),
+        click.option("--seqlen", type=click.IntRange(min=8), default=128, show_default=True,
+                     help="Tokens per calibration window."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help=device_help),
+    ]
+    return lambda fn: _apply(fn, opts)
+
+
+def _apply(fn, opts: list):
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+class _LayerBar:
+    """A progress bar over decoder layers, created at the first finished layer (so that input
+    errors come without a bar); nothing with --quiet."""
+
+    def __init__(self, total: int, desc: str, quiet: bool):
+        self.total, self.desc, self.quiet, self.bar = total, desc, quiet, None
+
+    def update(self, index: int, **postfix) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="layer", leave=False, initial=index)
+        self.bar.update(1)
+        if postfix:
+            self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _mixture_options(fn):
     """The K-/I-quant options `convert` (to GGUF) and `quantize` share, as llama-quantize has them."""
     opts = [
@@ -146,9 +190,7 @@ def _mixture_options(fn):
         click.option("--no-fallback", is_flag=True,
                      help="Fail instead of writing a tensor whose rows do not fit its type in a bigger type."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _apply(fn, opts)
 
 
 def _mixture(imatrix: Path | None, tensor_type: tuple[str, ...], output_tensor_type: str | None,
@@ -185,12 +227,7 @@ def _mixture(imatrix: Path | None, tensor_type: tuple[str, ...], output_tensor_t
 @click.option("--sym/--asym", default=True, show_default=True, help="GPTQ grid (AWQ is always asymmetric).")
 @click.option("--desc-act", is_flag=True, help="GPTQ act-order: quantize columns by descending Hessian diagonal.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (x mean diag H; raised on Cholesky failure).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Calibration text (.txt, or .jsonl with 'text'). Default: the built-in English/Chinese sample.")
-@click.option("--nsamples", type=click.IntRange(min=1), default=16, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where GPTQ/AWQ run (cuda when available with auto).")
+@_calibration_options("Where GPTQ/AWQ run (cuda when available with auto).")
 @click.option("--expert-naming", type=click.Choice(["legacy", "gptqmodel"]), default="legacy", show_default=True,
               help="MoE expert tensor names: the source's legacy w1/w2/w3 (vLLM), or mlp.experts.E.*_proj (GPTQModel).")
 @_mixture_options
@@ -287,23 +324,11 @@ def _quantize(model, out: Path, method: str, *, bits: int, group_size: int, sym:
 
     settings = QuantSettings(method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=damp,
                              device=resolve_device(device))
-    bar = None
-
-    def on_layer(rep) -> None:
-        nonlocal bar
-        if quiet:
-            return
-        if bar is None:  # created once work has started: input errors come without a bar
-            from tqdm import tqdm
-
-            bar = tqdm(total=model.n_layers, desc=f"{method} layers", unit="layer", leave=False, initial=rep.index)
-        bar.update(1)
-        bar.set_postfix(err=f"{max(rep.errors.values()):.2e}")
-
+    bar = _LayerBar(model.n_layers, f"{method} layers", quiet)
     rep = export_quantized(model, out, settings, calib=calib, nsamples=nsamples, seqlen=seqlen, force=force,
-                           progress=False, on_layer=on_layer, expert_naming=expert_naming)
-    if bar:
-        bar.close()
+                           progress=False, expert_naming=expert_naming,
+                           on_layer=lambda r: bar.update(r.index, err=f"{max(r.errors.values()):.2e}"))
+    bar.close()
     click.echo(f"{method} {bits}-bit g{group_size}: {len(rep.layers)} layers on {settings.device} in {rep.seconds:.1f} s "
                f"({nsamples} x {seqlen} calibration tokens)")
     click.echo(f"{'layer':>5} {'seconds':>8}  relative output error per linear (max / mean)")
@@ -352,11 +377,10 @@ def quantize(src: Path, out: Path, outtype: str, split_max_size: str | None, ima
 
 def _report_gguf(res) -> None:
     """Types, fallbacks and effective bits per weight of a written GGUF (fallbacks inflate size)."""
-    fallbacks = [n for n in res.notes if " do not fit " in n]
-    for note in [n for n in res.notes if n not in fallbacks] + fallbacks[:3]:
+    for note in res.notes + res.fallbacks[:3]:
         click.echo(f"note: {note}", err=True)
-    if len(fallbacks) > 3:
-        click.echo(f"note: ... and {len(fallbacks) - 3} more tensor(s) written in a fallback type", err=True)
+    if len(res.fallbacks) > 3:
+        click.echo(f"note: ... and {len(res.fallbacks) - 3} more tensor(s) written in a fallback type", err=True)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.type_counts.items()))
     bpw = f", {8 * res.bytes_out / res.n_params:.2f} bits per weight" if res.n_params else ""
     click.echo(f"wrote {len(res.files)} file(s), {res.n_tensors} tensors ({types}), {res.bytes_out / 1e6:.1f} MB"
@@ -369,12 +393,7 @@ def _report_gguf(res) -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Output importance matrix (.gguf, llama.cpp's imatrix format).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Calibration text (.txt, or .jsonl with 'text'). Default: the built-in English/Chinese sample.")
-@click.option("--nsamples", type=click.IntRange(min=1), default=16, show_default=True, help="Calibration windows (chunks).")
-@click.option("--seqlen", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens per window.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the layers run (cuda when available with auto).")
+@_calibration_options("Where the layers run (cuda when available with auto).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def imatrix(src: Path, out: Path, calib: Path | None, nsamples: int, seqlen: int, device: str, force: bool,
@@ -401,22 +420,10 @@ def imatrix(src: Path, out: Path, calib: Path | None, nsamples: int, seqlen: int
     for note in model.notes:
         click.echo(f"note: {note}", err=True)
     dev = resolve_device(device)
-    bar = None
-
-    def on_layer(rep) -> None:
-        nonlocal bar
-        if quiet:
-            return
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=model.n_layers, desc="imatrix layers", unit="layer", leave=False, initial=rep.index)
-        bar.update(1)
-
+    bar = _LayerBar(model.n_layers, "imatrix layers", quiet)
     rep = make_imatrix(model, out, calib=calib, nsamples=nsamples, seqlen=seqlen, device=dev, force=force,
-                       on_layer=on_layer)
-    if bar:
-        bar.close()
+                       on_layer=lambda r: bar.update(r.index))
+    bar.close()
     click.echo(f"imatrix: {len(rep.imatrix.sums)} entries from {nsamples} x {seqlen} = {rep.tokens} tokens on {dev} "
                f"in {rep.seconds:.1f} s ({rep.tokens / max(rep.seconds, 1e-9):.0f} tokens/s)")
     for lr in rep.layers:

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -64,7 +65,11 @@ class GGUFResult:
     type_counts: dict[str, int]
     notes: list[str] = field(default_factory=list)
     n_params: int = 0
-    n_fallbacks: int = 0
+    fallbacks: list[str] = field(default_factory=list)  # tensors written in a wider type than planned
+
+    @property
+    def n_fallbacks(self) -> int:
+        return len(self.fallbacks)
 
 
 def shard_paths(out: Path) -> list[Path]:
@@ -88,9 +93,9 @@ def _transform(model: CanonicalModel, name: str, t: torch.Tensor) -> torch.Tenso
 
 def plan_tensors(model: CanonicalModel, outtype: str,
                  mixture: MixtureOptions | None = None) -> tuple[list[PlannedTensor], list[str]]:
-    """GGUF name, type and size of every tensor, from shapes alone."""
+    """GGUF name, type and size of every tensor, from shapes alone; and the row-size fallbacks."""
     ot = OUTTYPES[outtype]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.n_layers)
+    name_map = _name_map(model.n_layers)
     planned: list[PlannedTensor] = []
     stacks: dict[str, PlannedTensor] = {}
     for lt in model.tensors:
@@ -176,9 +181,14 @@ def expert_gguf_name(layer: int, w: str) -> str:
     return gguf.TENSOR_NAMES[_EXPERT_GGUF[w]].format(bid=layer) + ".weight"
 
 
+@lru_cache(maxsize=8)
+def _name_map(n_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+
+
 def gguf_name(model: CanonicalModel, canonical: str) -> str:
     """GGUF name of a (non-expert) canonical tensor."""
-    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.n_layers).get_name(canonical, try_suffixes=(".weight", ".bias"))
+    name = _name_map(model.n_layers).get_name(canonical, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise MtoolError(f"no GGUF name for tensor {canonical}")
     return name
@@ -274,19 +284,17 @@ def export_gguf(
     sources = [model.source, model.tokenizer_dir]
     check_output_path(out, force=force, sources=sources, related=old_shards)
     t0 = time.perf_counter()
-    planned, notes = plan_tensors(model, outtype, mixture)
-    n_fallbacks = len(notes)  # plan_tensors notes only row-size fallbacks
+    planned, fallbacks = plan_tensors(model, outtype, mixture)
     imatrix = mixture.imatrix if mixture else None
     imps: dict[str, np.ndarray] = {}
+    im_notes: list[str] = []
     if OUTTYPES[outtype].mixture:
-        quantized = {p.gguf_name: (p.shape, p.qtype.name) for p in planned if p.qtype not in (Q.F32, Q.F16, Q.BF16)}
-        imps, im_notes = importances_for(imatrix, quantized, {p.gguf_name for p in planned}, outtype)
-        notes += im_notes
+        imps, im_notes = importances_for(imatrix, {p.gguf_name: (p.shape, p.qtype) for p in planned}, outtype)
     vocab = build_vocab(model.tokenizer_dir, model.vocab_size)
     if recipe is not None:
         recipe.check_family(model.family)
         apply_recipe(vocab, recipe)
-    notes = model.notes + vocab.notes + notes
+    notes = model.notes + vocab.notes + im_notes
     total_out = sum(p.nbytes for p in planned)
     n_files = 1 if not split_max_size else max(1, -(-total_out // split_max_size)) + 1
     needed = total_out + vocab.nbytes_estimate() + 96 * len(planned) + 64 * 1024 * n_files
@@ -344,7 +352,7 @@ def export_gguf(
     return GGUFResult(
         files=files, n_tensors=len(planned), bytes_in=model.total_bytes(), bytes_out=total_out,
         seconds=time.perf_counter() - t0, type_counts=counts, notes=notes, n_params=model.n_params(),
-        n_fallbacks=n_fallbacks,
+        fallbacks=fallbacks,
     )
 
 

@@ -24,10 +24,9 @@ from ..outputs import check_output_path, output_transaction
 from .gguf_export import GGUFResult, progress_bar, commit_gguf, shard_paths, type_counts, write_header
 from .gguf_types import encode, encoded_nbytes
 from .imatrix_file import add_imatrix_metadata, importances_for
-from .quant_policy import KQUANTS, MixtureOptions, plan_mixture
+from .quant_policy import FLOAT_TYPES, KQUANTS, MixtureOptions, plan_mixture
 
 Q = gguf.GGMLQuantizationType
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 # keys the writer sets itself, or that describe the input's encoding or splitting
 _SKIP = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "split.")
@@ -107,8 +106,7 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
     plan = plan_mixture(shapes, kq, mixture, n_head=hp("attention.head_count"),
                         n_head_kv=hp("attention.head_count_kv", hp("attention.head_count")),
                         n_expert=hp("expert_count"), n_layer=hp("block_count"))
-    quantized = {n: (shapes[n], q.name) for n, q in plan.types.items() if q not in FLOAT_TYPES}
-    imps, im_notes = importances_for(mixture.imatrix, quantized, set(shapes), outtype)
+    imps, im_notes = importances_for(mixture.imatrix, {n: (shapes[n], q) for n, q in plan.types.items()}, outtype)
     total = sum(encoded_nbytes(shapes[t.name], plan.types[t.name]) for t in tensors)
     meta_bytes = sum(int(f.parts[-1].nbytes) + 64 for f in first.fields.values()) if first.fields else 0
     t0 = time.perf_counter()
@@ -153,5 +151,5 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
     counts = type_counts(plan.types.values())
     in_bytes = sum(s.stat().st_size for s in shards)
     return GGUFResult(files=files, n_tensors=len(tensors), bytes_in=in_bytes, bytes_out=total,
-                      seconds=time.perf_counter() - t0, type_counts=counts, notes=plan.fallbacks + im_notes,
-                      n_params=sum(int(t.n_elements) for t in tensors), n_fallbacks=len(plan.fallbacks))
+                      seconds=time.perf_counter() - t0, type_counts=counts, notes=im_notes,
+                      n_params=sum(int(t.n_elements) for t in tensors), fallbacks=plan.fallbacks)

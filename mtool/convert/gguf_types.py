@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..numerics import CHUNK_ELEMENTS
-from .quant_policy import KQUANTS
+from .quant_policy import FLOAT_TYPES, KQUANTS
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -116,7 +116,7 @@ def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, name: str = "ten
     whose fallback types must match llama-quantize byte for byte too); `imatrix` then holds one
     importance per column."""
     t = t.contiguous()
-    if libggml and qtype not in (Q.F32, Q.F16, Q.BF16):
+    if libggml and qtype not in FLOAT_TYPES:
         from ..ggml import ggml
 
         rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()

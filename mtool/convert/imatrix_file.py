@@ -24,11 +24,12 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..gguf_file import GGUF_MAGIC, open_gguf
+from .quant_policy import FLOAT_TYPES, Q
 
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 _SUM, _COUNT = ".in_sum2", ".counts"
 # quantized types that llama.cpp refuses to make without importances (tensor_requires_imatrix)
-_NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"}
+_NEEDS_IMATRIX = {Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S}
 
 
 @dataclass
@@ -174,29 +175,30 @@ def write_imatrix(path: Path, im: ImportanceMatrix) -> None:
     w.close()
 
 
-def requires_imatrix(name: str, qtype_name: str) -> bool:
+def requires_imatrix(name: str, qtype: Q) -> bool:
     """llama.cpp's tensor_requires_imatrix (outside Q2_K_S files, which mtool does not make)."""
-    return qtype_name in _NEEDS_IMATRIX and name not in ("token_embd.weight", "output.weight")
+    return qtype in _NEEDS_IMATRIX and name not in ("token_embd.weight", "output.weight")
 
 
-def importances_for(im: ImportanceMatrix | None, tensors: dict[str, tuple[tuple[int, ...], str]],
-                    all_names: set[str], outtype: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def importances_for(im: ImportanceMatrix | None, planned: dict[str, tuple[tuple[int, ...], Q]],
+                    outtype: str) -> tuple[dict[str, np.ndarray], list[str]]:
     """Match `im` to the tensors of the file being written.
 
-    `tensors`: GGUF name -> (torch-order shape, chosen type name) of every quantized tensor;
-    `all_names`: every tensor name of the file (routers and norms have entries too).
+    `planned`: GGUF name -> (torch-order shape, chosen type) of every tensor of the file (routers
+    and norms have entries too; only the quantized ones use them).
     Returns the importances by name (flat, n_mat x n_per_row) and notes. An importance matrix of
     another model (unknown names, wrong sizes) and a tensor whose type needs importances but has
     none are refused before any work, naming the entry."""
     where = f"importance matrix {im.path}" if im is not None and im.path else "the importance matrix"
+    tensors = {n: (shape, q) for n, (shape, q) in planned.items() if q not in FLOAT_TYPES}
     if im is None:
         need = next((n for n, (_, q) in tensors.items() if requires_imatrix(n, q)), None)
         if need:
-            raise UsageError(f"--outtype {outtype} quantizes {need} as {tensors[need][1]}, which needs an importance "
-                             f"matrix: give --imatrix FILE (make one with `mtool imatrix`)")
+            raise UsageError(f"--outtype {outtype} quantizes {need} as {tensors[need][1].name}, which needs an "
+                             f"importance matrix: give --imatrix FILE (make one with `mtool imatrix`)")
         return {}, []
     imp = im.importances()
-    strangers = [n for n in imp if n not in all_names]
+    strangers = [n for n in imp if n not in planned]
     if strangers and len(strangers) == len(imp):
         raise InputError(f"{where} belongs to another model: none of its entries (e.g. {strangers[0]}) "
                          f"is a tensor of this one")
@@ -208,7 +210,8 @@ def importances_for(im: ImportanceMatrix | None, tensors: dict[str, tuple[tuple[
         values = imp.get(name)
         if values is None:
             if requires_imatrix(name, qtype):
-                raise InputError(f"{where} has no entry for {name}, which --outtype {outtype} quantizes as {qtype}")
+                raise InputError(f"{where} has no entry for {name}, which --outtype {outtype} quantizes as "
+                                 f"{qtype.name}")
             continue
         n_mat = shape[0] if len(shape) == 3 else 1
         if values.size != n_mat * shape[-1]:

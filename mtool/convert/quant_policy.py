@@ -24,6 +24,7 @@ from ..errors import UsageError
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)  # stored as they are; every other type is quantized
 
 
 @dataclass(frozen=True)

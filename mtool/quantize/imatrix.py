@@ -83,7 +83,7 @@ def compute_imatrix(model: CanonicalModel, ids: torch.Tensor, *, device: str = "
             acc.add(first, args[0])
             acc.share(first, *rest)
 
-        def moe_hook(module, args):
+        def moe_hook(module, args, layer=layer):
             nonlocal routed
             batch = _moe_statistics(runner, layer, args[0], i, acc)
             routed = batch if routed is None else [a + b for a, b in zip(routed, batch)]
