@@ -38,6 +38,18 @@ def mean_kld(ref: np.ndarray, cand: np.ndarray) -> float:
     return float(torch.nn.functional.kl_div(lc, lr, log_target=True, reduction="none").sum(-1).mean())
 
 
+def tiny_with_bf16_gguf(root: Path, tag: str, spec) -> tuple[Path, Path]:
+    """A tiny HF model (mtool.tiny) and mtool's bf16 GGUF of it: the input llama-quantize starts from."""
+    from mtool.convert.families import load_canonical
+    from mtool.convert.gguf_export import export_gguf
+    from mtool.tiny import make_tiny_llama
+
+    src = make_tiny_llama(root / tag, spec)
+    bf16 = root / f"{tag}-bf16.gguf"
+    export_gguf(load_canonical(src), bf16, outtype="bf16", progress=False)
+    return src, bf16
+
+
 def dir_listing(path: Path) -> set[str]:
     return {p.name for p in Path(path).iterdir()}
 

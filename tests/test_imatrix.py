@@ -18,12 +18,11 @@ import torch
 from click.testing import CliRunner
 
 from mtool.cli import cli
-from mtool.convert.families import load_canonical
-from mtool.convert.gguf_export import export_gguf
 from mtool.quantize.calib import calibration_ids
 from mtool.tiny import TinySpec, make_tiny_llama
 
-from .helpers import hf_logits, imatrix_importances, llama_quantize, llamacpp_logits, mean_kld, same_tensors
+from .helpers import (hf_logits, imatrix_importances, llama_quantize, llamacpp_logits, mean_kld, same_tensors,
+                      tiny_with_bf16_gguf)
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -46,9 +45,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("imx")
     out = {}
     for tag, spec in SPECS.items():
-        src = make_tiny_llama(root / tag, spec)
-        bf16 = root / f"{tag}-bf16.gguf"
-        export_gguf(load_canonical(src), bf16, outtype="bf16", progress=False)
+        src, bf16 = tiny_with_bf16_gguf(root, tag, spec)
         im = root / f"{tag}.imatrix.gguf"
         r = run("imatrix", src, "-o", im, "--nsamples", NSAMPLES, "--seqlen", SEQLEN, "-q")
         assert r.exit_code == 0, r.output + r.stderr

@@ -15,11 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from mtool.cli import cli
-from mtool.convert.families import load_canonical
-from mtool.convert.gguf_export import export_gguf
 from mtool.tiny import TinySpec, make_tiny_llama
 
-from .helpers import llama_quantize
+from .helpers import llama_quantize, tiny_with_bf16_gguf
 
 TYPES = ["q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k", "iq4_xs", "q3_k_l", "q4_k_s", "iq3_m"]
 MODELS = {
@@ -36,13 +34,7 @@ MODELS = {
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("kq")
-    out = {}
-    for tag, spec in MODELS.items():
-        src = make_tiny_llama(root / tag, spec)
-        bf16 = root / f"{tag}-bf16.gguf"
-        export_gguf(load_canonical(src), bf16, outtype="bf16", progress=False)
-        out[tag] = (src, bf16)
-    return out
+    return {tag: tiny_with_bf16_gguf(root, tag, spec) for tag, spec in MODELS.items()}
 
 
 @pytest.mark.parametrize("tag", list(MODELS))
