@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--gptqmodel", action="store_true",
                     help="also run GPTQModel (from bench/out/gq-venv) on the same calibration windows")
     args = ap.parse_args()
-    from mtool.verify.data import builtin_text
+    from mtool.data import builtin_text
 
     OUT.mkdir(parents=True, exist_ok=True)
     src = OUT / f"llama-{args.layers}L-bf16"

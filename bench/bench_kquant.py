@@ -80,7 +80,7 @@ def main() -> None:
 def _imatrix_run(src: Path, layers: int, spec: str, device: str):
     """`mtool imatrix` over NSAMPLES x SEQLEN tokens of the built-in text repeated (wall time
     includes start-up and reading the model)."""
-    from mtool.verify.data import builtin_text
+    from mtool.data import builtin_text
 
     nsamples, seqlen = (int(v) for v in spec.split("x"))
     calib = OUT / "calib.txt"

@@ -108,6 +108,11 @@ def _setup_process() -> None:
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (timeout, CI cancellation) cleans up exactly like Ctrl-C
         signal.signal(signal.SIGTERM, _on_sigterm)
+    if "transformers" in sys.modules:  # imported before the variables above were set (in-process callers)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     from .memory import return_freed_memory_promptly
 
     return_freed_memory_promptly()  # process-wide allocator tuning: only here, in the CLI entry
@@ -255,8 +260,8 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
       mtool convert ./Yi-34B -o yi-34b-gptq --to gptq --bits 4 --group-size 128 --calib wiki.txt --nsamples 128 --seqlen 512
       mtool convert ./Yi-34B -o yi-34b-awq --to awq --calib wiki.txt
     """
-    from .checkpoint import parse_size
-    from .convert.families import load_canonical
+    from .model.checkpoint import parse_size
+    from .model.families import load_canonical
 
     to = to or ("gguf" if out.suffix == ".gguf" else None)
     if to is None:
@@ -365,7 +370,7 @@ def quantize(src: Path, out: Path, outtype: str, split_max_size: str | None, ima
       mtool quantize yi-34b-bf16.gguf -o yi-34b-iq2_m.gguf --outtype iq2_m --imatrix yi.imatrix.gguf \\
           --tensor-type attn_v=q8_0 --output-tensor-type q8_0
     """
-    from .checkpoint import parse_size
+    from .model.checkpoint import parse_size
     from .convert.gguf_requantize import requantize_gguf
 
     split_bytes = parse_size(split_max_size)
@@ -412,7 +417,7 @@ def imatrix(src: Path, out: Path, calib: Path | None, nsamples: int, seqlen: int
       mtool imatrix ./Huozi-3.5 -o huozi.imatrix.gguf --calib calib.txt --nsamples 128 --seqlen 512
       mtool convert ./Huozi-3.5 -o huozi-iq2_m.gguf --outtype iq2_m --imatrix huozi.imatrix.gguf
     """
-    from .convert.families import load_canonical
+    from .model.families import load_canonical
     from .device import resolve_device
     from .quantize.imatrix import make_imatrix
 
@@ -538,7 +543,7 @@ def merge(sources: tuple[Path, ...], out: Path, config_file: Path | None, method
       mtool merge ./sft ./math -o ./ties --method ties --base ./base --density 0.4
       mtool merge -o ./release --config merge.yaml
     """
-    from .checkpoint import parse_size
+    from .model.checkpoint import parse_size
     from .merge import MergeSpec, run_merge, spec_from_yaml
 
     if config_file is not None:

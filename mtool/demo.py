@@ -6,7 +6,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .convert.families import load_canonical
+from .model.families import load_canonical
 from .convert.gguf_export import export_gguf
 from .tiny import TinySpec, make_tiny_llama
 from .verify.report import VerifyReport, run_verify

@@ -6,6 +6,9 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import MtoolError
+from .gguf_file import gguf_metadata, open_gguf
+from .model.checkpoint import CheckpointReader
+from .model.families import ADAPTERS, load_canonical
 
 
 def _fmt_params(n: int) -> str:
@@ -17,8 +20,6 @@ def _fmt_params(n: int) -> str:
 
 def inspect_gguf(path: Path) -> dict:
     import gguf
-
-    from .gguf_file import gguf_metadata, open_gguf
 
     reader = open_gguf(path)
     types = Counter(t.tensor_type.name for t in reader.tensors)
@@ -47,9 +48,6 @@ def inspect_gguf(path: Path) -> dict:
 
 
 def inspect_hf(path: Path) -> dict:
-    from .checkpoint import CheckpointReader
-    from .convert.families import ADAPTERS, load_canonical
-
     reader = CheckpointReader(path)
     cfg = reader.config
     infos = list(reader.iter_infos())

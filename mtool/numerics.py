@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import InputError
+
 # Work is done in chunks of about this many elements, so float32 temporaries stay a few MB
 # whatever the tensor size (the embedding of a 150k vocab is 1 GB+; isfinite() on bf16
 # alone upcasts the whole tensor).
@@ -27,8 +29,6 @@ def scan_values(t: torch.Tensor) -> tuple[bool, float]:
 
 def check_finite(t: torch.Tensor, name: str) -> float:
     """max |value| of a float tensor; InputError naming it when any value is NaN or Inf."""
-    from .errors import InputError
-
     finite, amax = scan_values(t)
     if not finite:
         raise InputError(f"tensor {name} contains NaN or Inf values")

@@ -1,8 +1,9 @@
-"""Tiny seeded Llama checkpoints with tokenizers trained on the fly.
+"""Tiny seeded Llama, Mixtral and Qwen2 checkpoints with tokenizers trained on the fly.
 
 Used by `mtool demo`, the test suite and the benchmarks: nothing is downloaded, every
 model is built by transformers itself from a config, and its tokenizer is trained on the
-built-in bilingual text (SentencePiece like Llama/Yi/Ziya2, or byte-level BPE).
+built-in bilingual text (SentencePiece like Llama/Yi/Ziya2, GPT-2 byte-level BPE, or
+byte-level BPE with Qwen2's pre-tokenizer and chat tokens).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .verify.data import builtin_text
+from .data import builtin_text
 
 SPM_SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 BPE_BOS, BPE_EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -29,7 +30,8 @@ DEMO_CHAT_TEMPLATE = (
 class TinySpec:
     """Shape of a tiny Llama; defaults give an MHA, tied, SentencePiece model."""
 
-    tokenizer: str = "spm"  # "spm" | "bpe"
+    arch: str = "llama"  # "llama" | "qwen2" (experts > 0: Mixtral)
+    tokenizer: str = "spm"  # "spm" | "bpe" | "qwen2"
     tokenizer_vocab: int = 700
     extra_rows: int = 0  # embedding rows beyond the tokenizer's pieces (Ziya2 case)
     hidden: int = 128
@@ -108,9 +110,46 @@ def train_bpe_tokenizer(out: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(out))
 
 
+# Qwen2's pre-tokenizer split (its tokenizer.json) and chat tokens
+QWEN2_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN2_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_qwen2_tokenizer(out: Path, vocab_size: int) -> int:
+    """A byte-level BPE shaped like Qwen2's: its regex split then byte-level, no BOS, ChatML tokens
+    after the pieces, saved with the Hub repos' tokenizer_config (Qwen2Tokenizer class). Returns eos."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(_corpus_lines() * 3, trainer)
+    tk.add_special_tokens(list(QWEN2_SPECIALS))
+    tk.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "add_bos_token": False, "add_prefix_space": False, "chat_template": QWEN2_CHAT_TEMPLATE, "model_max_length": 32768,
+           "added_tokens_decoder": {str(tk.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                             "normalized": False, "single_word": False}
+                                    for t in QWEN2_SPECIALS}}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return tk.token_to_id("<|im_end|>")
+
+
 def make_tiny_llama(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Write a seeded tiny LlamaForCausalLM (or MixtralForCausalLM) + tokenizer into `out`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    """Write a seeded tiny LlamaForCausalLM (MixtralForCausalLM, Qwen2ForCausalLM) + tokenizer into `out`."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +159,12 @@ def make_tiny_llama(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
     elif spec.tokenizer == "bpe":
         train_bpe_tokenizer(out, spec.tokenizer_vocab)
         bos, eos = 0, 1
+    elif spec.tokenizer == "qwen2":
+        bos, eos = None, train_qwen2_tokenizer(out, spec.tokenizer_vocab)
     else:
         raise ValueError(f"unknown tokenizer kind {spec.tokenizer!r}")
-    vocab = spec.tokenizer_vocab + len(spec.added_special) + spec.extra_rows
+    specials = len(QWEN2_SPECIALS) if spec.tokenizer == "qwen2" else len(spec.added_special)
+    vocab = spec.tokenizer_vocab + specials + spec.extra_rows
     common = dict(
         vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
@@ -134,6 +176,8 @@ def make_tiny_llama(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
     if spec.experts:
         config = MixtralConfig(num_local_experts=spec.experts, num_experts_per_tok=spec.experts_per_tok, **common)
         model = MixtralForCausalLM(config)
+    elif spec.arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # RMSNorm weights start at 1; jitter them so a swapped norm is visible

@@ -40,7 +40,7 @@ def mean_kld(ref: np.ndarray, cand: np.ndarray) -> float:
 
 def tiny_with_bf16_gguf(root: Path, tag: str, spec) -> tuple[Path, Path]:
     """A tiny HF model (mtool.tiny) and mtool's bf16 GGUF of it: the input llama-quantize starts from."""
-    from mtool.convert.families import load_canonical
+    from mtool.model.families import load_canonical
     from mtool.convert.gguf_export import export_gguf
     from mtool.tiny import make_tiny_llama
 

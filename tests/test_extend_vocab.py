@@ -16,7 +16,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from transformers import AutoTokenizer
 
 from mtool.cli import cli
-from mtool.convert.families import load_canonical
+from mtool.model.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
 
 from .conftest import HUOZI_TOKENS

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from llama_cpp import llama_cpp as L
 
-from mtool.convert.families import load_canonical
+from mtool.model.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
 from mtool.errors import InputError, MtoolError, UsageError
 from mtool.ggml import GGML, _find_library, ggml

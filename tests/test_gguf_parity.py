@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtool.convert.families import load_canonical
+from mtool.model.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
-from mtool.verify.data import builtin_text
+from mtool.data import builtin_text
 
 from .helpers import hf_ids, hf_logits, llamacpp_logits, mean_kld
 

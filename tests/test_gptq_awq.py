@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mtool.cli import cli
-from mtool.convert.families import load_canonical
+from mtool.model.families import load_canonical
 from mtool.quantize.engine import QuantSettings
 from mtool.quantize.export import export_quantized
 from mtool.verify.quantized import QuantizedRunner

@@ -58,7 +58,7 @@ def test_rope_freqs_are_transformers_llama3_frequencies(llama3_model, tmp_path):
 def test_llama3_gguf_logits_match_transformers_beyond_the_original_context(llama3_model, tmp_path):
     out = tmp_path / "m.gguf"
     assert CliRunner().invoke(cli, ["convert", str(llama3_model), "-o", str(out), "--outtype", "f32", "-q"]).exit_code == 0
-    from mtool.verify.data import builtin_text
+    from mtool.data import builtin_text
 
     ids = hf_ids(llama3_model, builtin_text(), limit=8 * ORIGINAL_CTX)
     assert len(ids) == 8 * ORIGINAL_CTX
@@ -71,7 +71,7 @@ def test_llama3_gguf_logits_match_transformers_beyond_the_original_context(llama
 
 def test_the_factors_matter(llama3_model, tmp_path):
     """Guard: the same weights with plain rope give other logits past the original context."""
-    from mtool.verify.data import builtin_text
+    from mtool.data import builtin_text
 
     plain = _with_rope(tmp_path, "plain", {"rope_type": "default", "rope_theta": 10000.0})
     ids = hf_ids(llama3_model, builtin_text(), limit=8 * ORIGINAL_CTX)

@@ -121,7 +121,7 @@ def test_merge_streams_a_few_tensors_at_a_time(three, tmp_path, monkeypatch):
     """Bounded memory: at no point are more than one tensor per source (+ the result) alive."""
     import weakref
 
-    from mtool import checkpoint
+    from mtool.model import checkpoint
 
     live, peak = set(), [0]
     original = checkpoint.CheckpointReader.load

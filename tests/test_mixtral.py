@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtool.convert.families import load_canonical
+from mtool.model.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
 from mtool.errors import MtoolError
-from mtool.verify.data import builtin_text
+from mtool.data import builtin_text
 
 from .conftest import HUOZI_TOKENS
 from .helpers import hf_ids, hf_logits, llamacpp_logits, mean_kld

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mtool.checkpoint import CheckpointReader, parse_size, write_hf_checkpoint
-from mtool.convert.families import load_canonical
+from mtool.model.checkpoint import CheckpointReader, parse_size, write_hf_checkpoint
+from mtool.model.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
 from mtool.tiny import TinySpec, make_tiny_llama
-from mtool.verify.data import builtin_text
+from mtool.data import builtin_text
 
 from .helpers import hf_ids, hf_logits, llamacpp_logits, mean_kld
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mtool.cli import cli
-from mtool.convert.families import load_canonical
+from mtool.model.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
 from mtool.convert.hf_export import export_hf
 from mtool.errors import MtoolError
@@ -74,7 +74,7 @@ def test_gguf_matches_reference(variant, telechat, reference, tmp_path):
 
 
 def test_52b_check_fails_without_mup(telechat, reference, tmp_path, monkeypatch):
-    from mtool.convert.families import telechat as tc
+    from mtool.model.families import telechat as tc
 
     monkeypatch.setattr(tc, "_mup_factors", lambda src: (1.0, 1.0))
     out = export_hf(load_canonical(telechat["52b"]), tmp_path / "nomup", progress=False)

@@ -6,9 +6,9 @@ import pytest
 from llama_cpp import Llama
 from transformers import AutoTokenizer
 
-from mtool.convert.families import load_canonical
+from mtool.model.families import load_canonical
 from mtool.convert.gguf_export import export_gguf
-from mtool.verify.data import builtin_text
+from mtool.data import builtin_text
 
 MIXED = (
     "Release 3.5 of the model 支持中文和English混合输入, with numbers like 1234567 and 3.14159.\n"

@@ -7,8 +7,8 @@ one prefetched) is ever in memory.
 
 from __future__ import annotations
 
+import math
 import os
-import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError, MtoolError, UsageError
+from ..model import experts
+from ..model.canonical import CanonicalModel, LazyTensor, rope_settings
 from ..numerics import F16_MAX, check_finite
 from ..outputs import check_output_path, commit_files, output_transaction
-from .canonical import CanonicalModel, LazyTensor, rope_settings
 from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
 from .gguf_vocab import apply_recipe, build_vocab
 from .imatrix_file import add_imatrix_metadata, importances_for
@@ -46,11 +47,6 @@ class PlannedTensor:
     @property
     def stacked(self) -> bool:
         return len(self.shape) == len(self.parts[0].shape) + 1
-
-
-# MoE experts are stacked per layer into one GGUF tensor per projection.
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-_EXPERT_GGUF = {"w1": gguf.MODEL_TENSOR.FFN_GATE_EXP, "w2": gguf.MODEL_TENSOR.FFN_DOWN_EXP, "w3": gguf.MODEL_TENSOR.FFN_UP_EXP}
 
 
 @dataclass
@@ -84,6 +80,8 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _transform(model: CanonicalModel, name: str, t: torch.Tensor) -> torch.Tensor:
+    if not model.spec.permute_qk:
+        return t
     if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         return _unpermute_rotary(t, model.n_heads)
     if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
@@ -95,16 +93,17 @@ def plan_tensors(model: CanonicalModel, outtype: str,
                  mixture: MixtureOptions | None = None) -> tuple[list[PlannedTensor], list[str]]:
     """GGUF name, type and size of every tensor, from shapes alone; and the row-size fallbacks."""
     ot = OUTTYPES[outtype]
-    name_map = _name_map(model.n_layers)
+    name_map = _name_map(model.spec.gguf_arch, model.n_layers)
     planned: list[PlannedTensor] = []
     stacks: dict[str, PlannedTensor] = {}
     for lt in model.tensors:
         if lt.synthetic:
             continue  # llama.cpp treats absent biases as zero
-        m = _EXPERT.match(lt.name)
-        if m:
-            layer, expert, w = int(m.group(1)), int(m.group(2)), m.group(3)
-            gname = expert_gguf_name(layer, w)
+        at = experts.split_layer(lt.name)
+        ew = experts.parse(at[1]) if at and lt.name.endswith(".weight") else None
+        if ew:
+            layer, (expert, w) = at[0], ew
+            gname = experts.gguf_stack(layer, w)
             if gname not in stacks:
                 stacks[gname] = PlannedTensor(gname, lt.shape, Q.F32, 0, [])
                 planned.append(stacks[gname])
@@ -126,10 +125,9 @@ def plan_tensors(model: CanonicalModel, outtype: str,
             p.shape = (len(p.parts), *p.parts[0].shape)
     mix = None
     if ot.mixture:
-        cfg = model.config
         mix = plan_mixture({p.gguf_name: p.shape for p in planned}, KQUANTS[outtype], mixture or MixtureOptions(),
                            n_head=model.n_heads, n_head_kv=model.n_kv_heads,
-                           n_expert=int(cfg.get("num_local_experts") or 0), n_layer=model.n_layers)
+                           n_expert=model.n_experts, n_layer=model.n_layers)
         notes += mix.fallbacks
     elif mixture is not None and mixture.customized:
         raise UsageError(f"--imatrix, --tensor-type, --output-tensor-type, --token-embedding-type and --no-fallback "
@@ -152,8 +150,6 @@ def llama3_rope_factors(model: CanonicalModel) -> torch.Tensor | None:
     """Llama 3 rope scaling (`rope_type: llama3`) as llama.cpp expects it: no metadata, a
     `rope_freqs` tensor of per-frequency divisors, computed exactly as its converter does
     (conversion/llama.py, generate_extra_tensors), so the files are the same."""
-    import math
-
     theta, scaling = rope_settings(model.config)
     if not scaling or str(scaling.get("rope_type", scaling.get("type", ""))).lower() != "llama3":
         return None
@@ -176,22 +172,24 @@ def llama3_rope_factors(model: CanonicalModel) -> torch.Tensor | None:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def expert_gguf_name(layer: int, w: str) -> str:
-    """GGUF name of the stacked expert tensor of canonical projection w1/w2/w3 in `layer`."""
-    return gguf.TENSOR_NAMES[_EXPERT_GGUF[w]].format(bid=layer) + ".weight"
-
-
 @lru_cache(maxsize=8)
-def _name_map(n_layers: int) -> gguf.TensorNameMap:
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+def _name_map(arch: str, n_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], n_layers)
 
 
 def gguf_name(model: CanonicalModel, canonical: str) -> str:
     """GGUF name of a (non-expert) canonical tensor."""
-    name = _name_map(model.n_layers).get_name(canonical, try_suffixes=(".weight", ".bias"))
+    name = _name_map(model.spec.gguf_arch, model.n_layers).get_name(canonical, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise MtoolError(f"no GGUF name for tensor {canonical}")
     return name
+
+
+# GGUF hparams some architectures have beyond the common ones (ArchSpec.gguf_extra), as llama.cpp's converter writes them
+EXTRA_HPARAMS = {
+    "vocab_size": lambda w, m: w.add_vocab_size(m.vocab_size),
+    "rope_dimension_count": lambda w, m: w.add_rope_dimension_count(m.head_dim),
+}
 
 
 def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name: str) -> None:
@@ -204,8 +202,9 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
     w.add_feed_forward_length(int(cfg["intermediate_size"]))
     w.add_head_count(model.n_heads)
     w.add_head_count_kv(model.n_kv_heads)
-    w.add_rope_dimension_count(model.head_dim)
-    if model.head_dim != model.hidden // model.n_heads:
+    for key in model.spec.gguf_extra:
+        EXTRA_HPARAMS[key](w, model)
+    if "head_dim" in cfg or model.head_dim != model.hidden // model.n_heads:  # as llama.cpp's converter
         w.add_key_length(model.head_dim)
         w.add_value_length(model.head_dim)
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
@@ -225,10 +224,9 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
         else:
             raise UsageError(f"rope scaling type {kind!r} in config.json is not supported for GGUF yet "
                              f"(supported: linear, yarn, llama3)")
-    if cfg.get("num_local_experts"):
-        w.add_expert_count(int(cfg["num_local_experts"]))
-        w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
-    w.add_vocab_size(model.vocab_size)
+    if model.moe:
+        w.add_expert_count(model.n_experts)
+        w.add_expert_used_count(model.n_experts_used)
     w.add_file_type(ot.file_type)
     if gguf.GGML_QUANT_SIZES[ot.qtype][0] > 1:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -301,7 +299,8 @@ def export_gguf(
 
     with output_transaction(out, force=force, sources=sources, related=old_shards, needed_bytes=needed) as tx:
         tmp = tx.dir
-        w = gguf.GGUFWriter(tmp / out.name, "llama", split_max_size=split_max_size)
+        w = gguf.GGUFWriter(tmp / out.name, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[model.spec.gguf_arch]],
+                            split_max_size=split_max_size)
         _add_metadata(w, model, outtype, name or model.source.name)
         vocab.add_to(w)
         if imatrix is not None:

@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..ggml import ggml
 from ..numerics import CHUNK_ELEMENTS
 from .quant_policy import FLOAT_TYPES, KQUANTS
 
@@ -117,8 +118,6 @@ def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, name: str = "ten
     importance per column."""
     t = t.contiguous()
     if libggml and qtype not in FLOAT_TYPES:
-        from ..ggml import ggml
-
         rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()
         out = ggml().quantize(rows, int(qtype), imatrix, name=name)
         return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))

@@ -17,6 +17,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import MtoolError
+from ..model.checkpoint import read_json
 
 TT = gguf.TokenType
 ADDED_TOKEN_SCORE = -1000.0
@@ -30,7 +31,7 @@ class GGUFVocab:
     model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
     pre: str | None
     tokens: list[bytes]
-    scores: list[float]
+    scores: list[float] | None  # None for byte-level BPE (merge ranks decide; llama.cpp's converter writes none)
     types: list[int]
     special: gguf.SpecialVocab
     add_space_prefix: bool | None = None
@@ -47,7 +48,8 @@ class GGUFVocab:
         if self.pre:
             w.add_tokenizer_pre(self.pre)
         w.add_token_list(self.tokens)
-        w.add_token_scores(self.scores)
+        if self.scores is not None:
+            w.add_token_scores(self.scores)
         w.add_token_types(self.types)
         if self.add_space_prefix is not None:
             w.add_add_space_prefix(self.add_space_prefix)
@@ -182,7 +184,6 @@ def _bpe_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
         raise MtoolError(f"{tok_dir}/tokenizer.json: tokenizer model {model.get('type')!r} is not supported (BPE or SentencePiece)")
     pre = _bpe_pre(tokenizer)
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [0.0] * vocab_size
     types = [TT.UNUSED] * vocab_size
     for text, tid in model["vocab"].items():
         if tid >= vocab_size:
@@ -195,7 +196,7 @@ def _bpe_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
         tokens[tid] = content.encode("utf-8")
         types[tid] = TT.CONTROL if special else TT.USER_DEFINED
     special = _special_vocab(tok_dir, vocab_size, merges=True, default_add_bos=None)
-    return GGUFVocab("gpt2", pre, tokens, scores, types, special)
+    return GGUFVocab("gpt2", pre, tokens, None, types, special)
 
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -305,8 +306,6 @@ def build_vocab(tok_dir: Path, vocab_size: int) -> GGUFVocab:
     if (tok_dir / "tokenizer.model").is_file():
         return _sentencepiece_vocab(tok_dir, vocab_size)
     if (tok_dir / "tokenizer.json").is_file():
-        from ..checkpoint import read_json
-
         tokenizer = read_json(tok_dir / "tokenizer.json")
         if is_sentencepiece_json(tokenizer):
             return _sentencepiece_json_vocab(tok_dir, tokenizer, vocab_size)

@@ -1,10 +1,10 @@
-"""Canonical model -> plain HF checkpoint (LlamaForCausalLM / MixtralForCausalLM), no remote code.
+"""Canonical model -> plain HF checkpoint of its spec's class (LlamaForCausalLM, Qwen2ForCausalLM, ...).
 
-For Llama and Mixtral sources this re-shards (and, for fused-expert Mixtral, re-lays) the
-weights; for TeleChat it is the exact re-expression as LlamaForCausalLM that every loader
-understands. The config is rebuilt with transformers' own config class, so it carries
+For sources already in their spec's names this re-shards (and, for fused-expert Mixtral,
+re-lays) the weights; for TeleChat it is the exact re-expression as LlamaForCausalLM that every
+loader understands. The config is rebuilt with transformers' own config class, so it carries
 every field transformers expects; tokenizer files are copied, with a remote-code tokenizer
-class replaced by LlamaTokenizer (same SentencePiece model).
+class replaced by a native one over the same vocabulary.
 """
 
 from __future__ import annotations
@@ -12,52 +12,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import write_hf_checkpoint
-from .canonical import CanonicalModel, rope_settings
-
-# canonical config fields passed to transformers' config classes
-_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
-    "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "sliding_window",
-)
-# tokenizer classes transformers has itself; anything else is remote code
-_NATIVE_TOKENIZERS = {"LlamaTokenizer", "LlamaTokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend"}
+from ..model.canonical import CanonicalModel, rope_settings
+from ..model.checkpoint import write_hf_checkpoint
+from ..model.tokenizer import native_tokenizer_config
+from .gguf_vocab import build_vocab, token_id
 
 
 def hf_config(model: CanonicalModel) -> dict:
-    """config.json for the canonical model, built by transformers' LlamaConfig/MixtralConfig."""
-    from transformers import LlamaConfig, MixtralConfig
+    """config.json for the canonical model, built by its spec's transformers config class."""
+    import transformers
 
-    cfg = model.config
-    cls = MixtralConfig if cfg.get("num_local_experts") else LlamaConfig
-    kwargs = {k: cfg[k] for k in _FIELDS if k in cfg and cfg[k] is not None}
-    if cls is MixtralConfig:
-        kwargs.pop("attention_bias", None)
-        kwargs.pop("mlp_bias", None)
+    cfg, spec = model.config, model.spec
+    kwargs = {k: cfg[k] for k in spec.config_fields if k in cfg and cfg[k] is not None}
     theta, scaling = rope_settings(cfg)
     kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": theta} if not scaling else {**scaling, "rope_theta": theta}
-    out = cls(**kwargs).to_dict()
-    out["architectures"] = ["MixtralForCausalLM" if cls is MixtralConfig else "LlamaForCausalLM"]
+    out = getattr(transformers, spec.config_class)(**kwargs).to_dict()
+    out["architectures"] = [spec.hf_class]
     dtypes = {t.dtype for t in model.tensors}
     if len(dtypes) == 1:
         out["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     out.pop("auto_map", None)
     return out
-
-
-def native_tokenizer_config(tok_dir: Path) -> dict | None:
-    """tokenizer_config.json with a remote-code tokenizer class replaced, or None if unchanged."""
-    path = Path(tok_dir) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    tc = json.loads(path.read_text(encoding="utf-8"))
-    if tc.get("tokenizer_class") in _NATIVE_TOKENIZERS and "auto_map" not in tc:
-        return None
-    tc.pop("auto_map", None)
-    tc["tokenizer_class"] = "LlamaTokenizer" if (Path(tok_dir) / "tokenizer.model").is_file() else "PreTrainedTokenizerFast"
-    return tc
 
 
 def _apply_recipe(model: CanonicalModel, config: dict, tok_cfg: dict | None, recipe) -> tuple[dict | None, dict | None]:
@@ -72,8 +47,6 @@ def _apply_recipe(model: CanonicalModel, config: dict, tok_cfg: dict | None, rec
         tok_cfg["chat_template"] = recipe.chat_template
     gen = None
     if recipe.eos_token:
-        from .gguf_vocab import build_vocab, token_id
-
         eos = token_id(build_vocab(model.tokenizer_dir, model.vocab_size).tokens, recipe.eos_token, f"recipe {recipe.name}")
         gpath = Path(model.tokenizer_dir) / "generation_config.json"
         gen = json.loads(gpath.read_text(encoding="utf-8")) if gpath.is_file() else {"bos_token_id": config.get("bos_token_id")}

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint import CheckpointReader, write_hf_checkpoint
-from ..convert.canonical import CanonicalModel, LazyTensor
-from ..convert.families import load_canonical
-from ..convert.hf_export import hf_config, native_tokenizer_config
+from ..convert.hf_export import hf_config
 from ..errors import InputError, MtoolError, UsageError
+from ..model.canonical import CanonicalModel, LazyTensor
+from ..model.checkpoint import CheckpointReader, write_hf_checkpoint
+from ..model.families import load_canonical
+from ..model.tokenizer import native_tokenizer_config
 from ..numerics import CHUNK_ELEMENTS, scan_values
 from .methods import METHODS, NEEDS_BASE, merge_tensor
 
@@ -48,7 +49,7 @@ class MergeSpec:
     seed: int = 0
     dtype: str | None = None
     tokenizer_source: Path | None = None
-    layout: str = "canonical"  # canonical (HF Llama/Mixtral names) | original (sources' own names)
+    layout: str = "canonical"  # canonical (the spec's HF names) | original (sources' own names)
     filters: list[dict] = field(default_factory=list)  # [{pattern, weights?, t?, density?}], first match wins
 
 

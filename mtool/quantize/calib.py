@@ -6,14 +6,13 @@ from pathlib import Path
 
 import torch
 
+from ..data import load_text
 from ..errors import MtoolError
-from ..verify.data import load_text
+from ..model.tokenizer import open_tokenizer
 
 
 def calibration_ids(tok_dir: Path, calib: Path | None, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """[nsamples, seqlen] token ids: non-overlapping windows of the tokenized text, chosen with `seed`."""
-    from ..tokenizer import open_tokenizer
-
     if nsamples < 1 or seqlen < 8:
         raise MtoolError("--nsamples must be >= 1 and --seqlen >= 8")
     text = load_text(calib)

@@ -2,33 +2,27 @@
 
 Only the embeddings, the current decoder layer and the calibration activations are in memory:
 the calibration windows are embedded, then for each layer its weights are loaded from the
-canonical model into a `LlamaDecoderLayer`, statistics are collected with hooks, its linears
-are quantized (GPTQ: one true-sequential group at a time, each seeing its quantized
-predecessors; AWQ: scale search and folding, clip search, then the grid), and the quantized
-layer produces the next layer's inputs.
+canonical model into the decoder-layer class its `ArchSpec` names, statistics are collected
+with hooks, its linears are quantized (GPTQ: one true-sequential group of the spec at a time,
+each seeing its quantized predecessors; AWQ: the spec's smoothing mappings, clip search, then
+the grid), and the quantized layer produces the next layer's inputs.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from ..convert.canonical import CanonicalModel
+from ..convert.hf_export import hf_config
 from ..errors import MtoolError
+from ..model import experts
+from ..model.canonical import CanonicalModel
 from ..numerics import check_finite
 from .gptq import Hessian, grid, gptq, quantize_codes, rtn
-
-# true-sequential order inside a Llama layer
-GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-LINEARS = tuple(n for g in GROUPS for n in g)
 
 
 @dataclass
@@ -52,16 +46,15 @@ class LayerReport:
     stat_tokens: int | None = None  # MoE: tokens in every expert's statistics (all of them)
 
 
-def is_moe(model: CanonicalModel) -> bool:
-    return bool(model.config.get("num_local_experts"))
+def transformers_class(model: CanonicalModel, name: str):
+    """A class of the spec's transformers modeling module (decoder layer, rotary embedding)."""
+    return getattr(importlib.import_module(model.spec.modeling), name)
 
 
 def hf_config_object(model: CanonicalModel):
-    from transformers import LlamaConfig, MixtralConfig
+    import transformers
 
-    from ..convert.hf_export import hf_config
-
-    cfg = (MixtralConfig if is_moe(model) else LlamaConfig).from_dict(hf_config(model))
+    cfg = getattr(transformers, model.spec.config_class).from_dict(hf_config(model))
     cfg._attn_implementation = "sdpa"  # causal without an explicit mask
     return cfg
 
@@ -70,43 +63,36 @@ class LayerRunner:
     """Builds decoder layers from canonical tensors and runs them over the calibration activations."""
 
     def __init__(self, model: CanonicalModel, ids: torch.Tensor, settings: QuantSettings):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        self.model, self.s, self.moe = model, settings, is_moe(model)
+        self.model, self.s, self.moe = model, settings, model.moe
         self.config = hf_config_object(model)
         self.by_name = {t.name: t for t in model.tensors}
+        self.expert_tokens: list[int] | None = None
+        self.stat_tokens: int | None = None
         dev = settings.device
         emb = _checked(self.by_name["model.embed_tokens.weight"])
         self.x = emb[ids].to(dev)  # [n, seq, hidden]
         del emb
-        rot = LlamaRotaryEmbedding(self.config).to(dev)
+        rot = transformers_class(model, model.spec.rotary)(self.config).to(dev)
         pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
         self.pos = rot(self.x[:1], pos)
 
     def layer(self, i: int):
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-        from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
-
-        layer = (MixtralDecoderLayer if self.moe else LlamaDecoderLayer)(self.config, i)
+        layer = transformers_class(self.model, self.model.spec.decoder_layer)(self.config, i)
         prefix = f"model.layers.{i}."
         sd = {n[len(prefix):]: _checked(t) for n, t in self.by_name.items() if n.startswith(prefix)}
-        if self.moe:  # canonical per-expert tensors -> the fused parameters of transformers' module
-            e_n = self.config.num_local_experts
-            p = "block_sparse_moe.experts"
-            sd["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{p}.{e}.w1.weight"), sd.pop(f"{p}.{e}.w3.weight")])
-                                                          for e in range(e_n)])
-            sd["mlp.experts.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.w2.weight") for e in range(e_n)])
-            sd["mlp.gate.weight"] = sd.pop("block_sparse_moe.gate.weight")
+        if self.moe:
+            sd = experts.to_fused(sd, self.model.n_experts)
         missing, unexpected = layer.load_state_dict(sd, strict=False)
         if unexpected or [m for m in missing if not m.endswith(".bias")]:
-            raise MtoolError(f"layer {i}: weights do not fit LlamaDecoderLayer (missing {missing}, unexpected {unexpected})")
+            raise MtoolError(f"layer {i}: weights do not fit {self.model.spec.decoder_layer} "
+                             f"(missing {missing}, unexpected {unexpected})")
         return layer.to(self.s.device).eval()
 
     @torch.no_grad()
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         outs = [layer(x[b : b + self.s.batch], position_embeddings=self.pos, attention_mask=None)
                 for b in range(0, x.shape[0], self.s.batch)]
-        return torch.cat([o[0] if isinstance(o, tuple) else o for o in outs])
+        return torch.cat([_first(o) for o in outs])
 
     @torch.no_grad()
     def capture(self, layer, names: tuple[str, ...], x: torch.Tensor, on_input: Callable[[str, torch.Tensor], None]) -> None:
@@ -136,15 +122,15 @@ class _StopForward(Exception):
     """Raised by a capture hook once the input it needs has been seen."""
 
 
+def _first(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
 def _checked(t) -> torch.Tensor:
     """A canonical tensor in float32, refused when it holds NaN/Inf (would quantize to garbage)."""
     w = t.load()
     check_finite(w, t.name)
     return w.to(torch.float32)
-
-
-def _set_weight(layer, name: str, w: torch.Tensor) -> None:
-    dict(layer.named_modules())[name].weight.data = w.to(torch.float32)
 
 
 def _rel_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 256) -> float:
@@ -156,17 +142,26 @@ def _rel_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 25
     return float(num / ((wr @ h) * wr).sum().clamp(min=1e-20))
 
 
-class ExpertWeights:
-    """Read/write one expert's w1 / w3 / w2 inside transformers' fused MoE parameters."""
+Handle = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]
 
-    def __init__(self, layer, n_ff: int):
-        self.gate_up, self.down, self.f = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj, n_ff
 
-    def get(self, e: int, w: str) -> torch.Tensor:
-        return {"w1": self.gate_up.data[e, : self.f], "w3": self.gate_up.data[e, self.f :], "w2": self.down.data[e]}[w]
+def weight_handle(layer, name: str, n_ff: int) -> Handle:
+    """(get, set) of the [out, in] weight of a layer-relative linear; experts live in the fused parameters."""
+    ew = experts.parse(name)
+    if ew:
+        view = experts.FusedView(layer, n_ff)
+        return (lambda: view.get(*ew)), (lambda v: view.set(*ew, v))
+    m = dict(layer.named_modules())[name]
 
-    def set(self, e: int, w: str, value: torch.Tensor) -> None:
-        self.get(e, w).copy_(value)
+    def put(v: torch.Tensor) -> None:
+        m.weight.data = v.to(torch.float32)
+
+    return (lambda: m.weight.data), put
+
+
+def expand(names: tuple[str, ...], n_experts: int) -> list[str]:
+    """Names with `*` replaced by every expert index."""
+    return [n.replace("*", str(e)) for n in names for e in (range(n_experts) if "*" in n else [None])]
 
 
 def _moe_inputs(runner: LayerRunner, layer, x: torch.Tensor) -> torch.Tensor:
@@ -189,30 +184,10 @@ def _expert_mid(xs: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, act, chunk
         yield act(part @ w1.t()) * (part @ w3.t())
 
 
-def quantize_moe_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings, results: dict, errors: dict) -> list[int]:
-    """Every calibration token visits every expert: w1/w3 share the Hessian of all tokens, and each
-    w2 sees its expert's activations for all tokens; the router stays unquantized."""
-    xs = _moe_inputs(runner, layer, x)
-    counts = routed_counts(layer, xs, runner.config.num_experts_per_tok)
-    runner.stat_tokens = xs.shape[0]
-    h_in = Hessian(xs.shape[1], s.device)
-    h_in.add(xs)
-    ew = ExpertWeights(layer, runner.config.intermediate_size)
-    act = layer.mlp.experts.act_fn
-    for e in range(runner.config.num_local_experts):
-        for w in ("w1", "w3"):
-            r = _gptq_or_rtn(ew.get(e, w).clone(), h_in, s)
-            errors[f"block_sparse_moe.experts.{e}.{w}"] = _rel_error(ew.get(e, w).cpu(), r.dequant, h_in.h.cpu())
-            ew.set(e, w, r.dequant.to(s.device))
-            results[f"block_sparse_moe.experts.{e}.{w}"] = r
-        h_mid = Hessian(runner.config.intermediate_size, s.device)
-        for mid in _expert_mid(xs, ew.get(e, "w1"), ew.get(e, "w3"), act):
-            h_mid.add(mid)
-        r = _gptq_or_rtn(ew.get(e, "w2").clone(), h_mid, s)
-        errors[f"block_sparse_moe.experts.{e}.w2"] = _rel_error(ew.get(e, "w2").cpu(), r.dequant, h_mid.h.cpu())
-        ew.set(e, "w2", r.dequant.to(s.device))
-        results[f"block_sparse_moe.experts.{e}.w2"] = r
-    return counts
+def expert_mid(layer, xs: torch.Tensor, e: int, n_ff: int) -> torch.Tensor:
+    """Expert e's down-projection input for tokens xs: act(x w1^T) * (x w3^T)."""
+    view = experts.FusedView(layer, n_ff)
+    return torch.cat(list(_expert_mid(xs, view.get(e, "w1"), view.get(e, "w3"), layer.mlp.experts.act_fn)))
 
 
 def _gptq_or_rtn(w: torch.Tensor, h: Hessian, s: QuantSettings):
@@ -222,25 +197,49 @@ def _gptq_or_rtn(w: torch.Tensor, h: Hessian, s: QuantSettings):
     return gptq(w, h, s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)[0]
 
 
+def _quantize_into(layer, name: str, h: Hessian, s: QuantSettings, n_ff: int, results: dict, errors: dict) -> None:
+    get, put = weight_handle(layer, name, n_ff)
+    w = get().clone()
+    r = _gptq_or_rtn(w, h, s)
+    errors[name] = _rel_error(w.cpu(), r.dequant, h.h.cpu())
+    put(r.dequant.to(s.device))
+    results[name] = r
+
+
+def quantize_moe_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings, results: dict, errors: dict) -> list[int]:
+    """Every calibration token visits every expert: w1/w3 share the Hessian of all tokens, and each
+    w2 sees its expert's activations for all tokens; the router stays unquantized."""
+    xs = _moe_inputs(runner, layer, x)
+    counts = routed_counts(layer, xs, runner.model.n_experts_used)
+    runner.stat_tokens = xs.shape[0]
+    h_in = Hessian(xs.shape[1], s.device)
+    h_in.add(xs)
+    n_ff = runner.config.intermediate_size
+    view, act = experts.FusedView(layer, n_ff), layer.mlp.experts.act_fn
+    for e in range(runner.model.n_experts):
+        for w in ("w1", "w3"):
+            _quantize_into(layer, experts.legacy(e, w), h_in, s, n_ff, results, errors)
+        h_mid = Hessian(n_ff, s.device)
+        for mid in _expert_mid(xs, view.get(e, "w1"), view.get(e, "w3"), act):
+            h_mid.add(mid)
+        _quantize_into(layer, experts.legacy(e, "w2"), h_mid, s, n_ff, results, errors)
+    return counts
+
+
 def quantize_layer_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings) -> tuple[dict, dict]:
     results, errors = {}, {}
     mods = dict(layer.named_modules())
-    for group in GROUPS:
-        if runner.moe and group[0].startswith("mlp."):
-            if group == GROUPS[2]:
+    for group in runner.model.spec.linear_groups:
+        if "*" in group[0]:  # the expert groups: quantized together, expert by expert
+            if runner.expert_tokens is None:
                 runner.expert_tokens = quantize_moe_gptq(runner, layer, x, s, results, errors)
             continue
         # the linears of a group read the same input (q/k/v: the normed hidden state; gate/up likewise),
         # so one Hessian serves the group: the x^T x products dominate the time on long calibration sets
         shared = Hessian(mods[group[0]].in_features, s.device)
         runner.capture(layer, group[:1], x, lambda n, inp: shared.add(inp))
-        hs = dict.fromkeys(group, shared)
         for n in group:
-            w = mods[n].weight.data.clone()
-            r = _gptq_or_rtn(w, hs[n], s)
-            errors[n] = _rel_error(w.cpu(), r.dequant, hs[n].h.cpu())
-            _set_weight(layer, n, r.dequant.to(s.device))
-            results[n] = r
+            _quantize_into(layer, n, shared, s, runner.config.intermediate_size, results, errors)
     return results, errors
 
 
@@ -258,7 +257,7 @@ def _awq_fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _search_scale(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weights: list, bits: int,
+def _search_scale(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weights: list[Handle], bits: int,
                   group: int) -> torch.Tensor:
     """AWQ scale search: s = x_mean^a / w_mean^(1-a), a in {0, 0.05, ..., 0.95}, by block-output MSE.
 
@@ -284,13 +283,6 @@ def _search_scale(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return best
 
 
-def _linear_handle(m: torch.nn.Linear) -> tuple[Callable, Callable]:
-    def put(v: torch.Tensor) -> None:
-        m.weight.data = v
-
-    return (lambda: m.weight.data), put
-
-
 @torch.no_grad()
 def _search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, n_tokens: int = 512) -> torch.Tensor:
     """AWQ clip search: per (row, group) max |w| shrunk by up to 50 %, by output MSE."""
@@ -312,58 +304,83 @@ def _search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, n_toke
     return torch.clamp(wg, -best_max, best_max).reshape(out_f, in_f)
 
 
-def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings) -> tuple[dict, dict]:
-    mods = dict(layer.named_modules())
-    inputs: dict[str, list[torch.Tensor]] = {}
-    names = ("self_attn.q_proj", "self_attn.o_proj") + (("mlp",) if runner.moe else ("mlp.gate_proj", "mlp.down_proj"))
-    runner.capture(layer, names, x, lambda n, inp: inputs.setdefault(n, []).append(inp.detach()))
-    feats = {n: torch.cat(v) for n, v in inputs.items()}
-    attn = mods["self_attn"]
+class _AwqLayer:
+    """One layer's AWQ state: the inputs each linear reads (captured once, then kept in step with
+    every fold), and the spec's names resolved to modules, weight handles and blocks."""
 
-    def attn_block(h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([attn(h[b : b + s.batch], position_embeddings=runner.pos, attention_mask=None)[0]
-                          for b in range(0, h.shape[0], s.batch)])
-
-    def fold(prev, sc: torch.Tensor, weights: list) -> None:
-        """Previous op's output divided by s, the consumers' input columns multiplied by s."""
-        if isinstance(prev, tuple):  # (get, set) of a matrix whose rows produce the input
-            get, put = prev
-            put(get() / sc.view(-1, 1))
-        elif isinstance(prev, torch.nn.Linear):
-            prev.weight.data = prev.weight.data / sc.view(-1, 1)
-            if prev.bias is not None:
-                prev.bias.data = prev.bias.data / sc
-        else:
-            prev.weight.data = prev.weight.data / sc
-        for get, put in weights:
-            put(get() * sc.view(1, -1))
-
-    lin = {n: _linear_handle(mods[n]) for n in LINEARS if n in mods}
-    with torch.no_grad():
-        qkv = [lin["self_attn.q_proj"], lin["self_attn.k_proj"], lin["self_attn.v_proj"]]
-        sc = _search_scale(attn_block, feats["self_attn.q_proj"], qkv, s.bits, s.group_size)
-        fold(mods["input_layernorm"], sc, qkv)
-        feats["self_attn.q_proj"] = feats["self_attn.q_proj"] / sc
-        if mods["self_attn.v_proj"].weight.shape == mods["self_attn.o_proj"].weight.shape:  # v -> o only without GQA
-            sc = _search_scale(mods["self_attn.o_proj"], feats["self_attn.o_proj"], [lin["self_attn.o_proj"]], s.bits, s.group_size)
-            fold(mods["self_attn.v_proj"], sc, [lin["self_attn.o_proj"]])
-            feats["self_attn.o_proj"] = feats["self_attn.o_proj"] / sc
+    def __init__(self, runner: LayerRunner, layer, x: torch.Tensor):
+        self.runner, self.layer, self.mods = runner, layer, dict(layer.named_modules())
+        self.n_exp, self.n_ff = runner.model.n_experts, runner.config.intermediate_size
+        self.source: dict[str, str] = {}  # linear -> key of the input it reads
+        for group in runner.model.spec.linear_groups:
+            for n in expand(group, self.n_exp):
+                ew = experts.parse(n)  # experts' w1/w3 read the MoE block's input; each w2 its own
+                self.source[n] = group[0] if not ew else "mlp" if ew[1] != "w2" else n
+        captured = tuple(dict.fromkeys(v for v in self.source.values() if v in self.mods))
+        inputs: dict[str, list[torch.Tensor]] = {}
+        runner.capture(layer, captured, x, lambda n, inp: inputs.setdefault(n, []).append(inp.detach()))
+        self.feats = {n: torch.cat(v) for n, v in inputs.items()}
         if runner.moe:
-            todo = _awq_moe_scales(runner, layer, feats, s, fold)
+            xs = self.feats["mlp"].reshape(-1, self.feats["mlp"].shape[-1])
+            runner.expert_tokens = routed_counts(layer, xs, runner.model.n_experts_used)
+            runner.stat_tokens = xs.shape[0]
+
+    def feature(self, n: str) -> torch.Tensor:
+        key = self.source[n]
+        if key not in self.feats:  # an expert's w2 input, from its (already smoothed) w1/w3
+            xs = self.feats["mlp"].reshape(-1, self.feats["mlp"].shape[-1])
+            self.feats[key] = expert_mid(self.layer, xs, experts.parse(n)[0], self.n_ff)
+        return self.feats[key]
+
+    def handle(self, n: str) -> Handle:
+        return weight_handle(self.layer, n, self.n_ff)
+
+    def block(self, inspect: str | None, balance: list[Handle]) -> Callable[[torch.Tensor], torch.Tensor]:
+        if inspect is None:  # the single balance linear (a bias would cancel in the error)
+            get = balance[0][0]
+            return lambda h: h @ get().t()
+        m, r = self.mods[inspect], self.runner
+        if inspect == "self_attn":
+            return lambda h: torch.cat([m(h[b : b + r.s.batch], position_embeddings=r.pos, attention_mask=None)[0]
+                                        for b in range(0, h.shape[0], r.s.batch)])
+        return lambda h: _first(m(h))
+
+    def smooth(self, n: str, sc: torch.Tensor) -> None:
+        """Divide the output of `n` by sc: a norm's weight, or a linear's rows (and bias)."""
+        m = self.mods.get(n)
+        if m is None or isinstance(m, torch.nn.Linear):
+            get, put = self.handle(n)
+            put(get() / sc.view(-1, 1))
+            if m is not None and m.bias is not None:
+                m.bias.data = m.bias.data / sc
         else:
-            gu = [lin["mlp.gate_proj"], lin["mlp.up_proj"]]
-            sc = _search_scale(mods["mlp"], feats["mlp.gate_proj"], gu, s.bits, s.group_size)
-            fold(mods["post_attention_layernorm"], sc, gu)
-            feats["mlp.gate_proj"] = feats["mlp.gate_proj"] / sc
-            sc = _search_scale(mods["mlp.down_proj"], feats["mlp.down_proj"], [lin["mlp.down_proj"]], s.bits, s.group_size)
-            fold(mods["mlp.up_proj"], sc, [lin["mlp.down_proj"]])
-            feats["mlp.down_proj"] = feats["mlp.down_proj"] / sc
-            todo = [(n, lin[n], feats[f]) for n, f in (("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.gate_proj"),
-                                                       ("mlp.down_proj", "mlp.down_proj"))]
-    todo = [(n, lin[n], feats[f]) for n, f in (("self_attn.q_proj", "self_attn.q_proj"), ("self_attn.k_proj", "self_attn.q_proj"),
-                                               ("self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj", "self_attn.o_proj"))] + todo
+            m.weight.data = m.weight.data / sc
+
+    def apply(self, mapping, s: QuantSettings) -> None:
+        """Evaluate one AwqMapping (per expert when its smooth names one)."""
+        for e in range(self.n_exp) if "*" in mapping.smooth else [None]:
+            at = (lambda n: n.replace("*", str(e))) if e is not None else (lambda n: n)
+            balance = expand(tuple(at(b) for b in mapping.balance), self.n_exp)
+            handles = [self.handle(b) for b in balance]
+            if mapping.same_shape and self.handle(at(mapping.smooth))[0]().shape != handles[0][0]().shape:
+                continue
+            x = self.feature(balance[0])
+            sc = _search_scale(self.block(mapping.inspect, handles), x, handles, s.bits, s.group_size)
+            self.smooth(at(mapping.smooth), sc)
+            for get, put in handles:
+                put(get() * sc.view(1, -1))
+            self.feats[self.source[balance[0]]] = x / sc
+
+
+def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings) -> tuple[dict, dict]:
+    st = _AwqLayer(runner, layer, x)
+    with torch.no_grad():
+        for mapping in runner.model.spec.awq:
+            st.apply(mapping, s)
     results, errors = {}, {}
-    for n, (get, put), feat in todo:
+    for n in expand(runner.model.spec.linears, st.n_exp):
+        get, put = st.handle(n)
+        feat = st.feature(n)
         w = get().clone()
         if not n.endswith(("q_proj", "k_proj")):  # as published: q/k are not clipped
             w = _search_clip(w, feat, s.bits, s.group_size)
@@ -374,36 +391,6 @@ def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSett
         put(r.dequant.to(s.device))
         results[n] = r
     return results, errors
-
-
-def _awq_moe_scales(runner: LayerRunner, layer, feats: dict, s: QuantSettings, fold) -> list:
-    """Mixtral: post_attention_layernorm -> every expert's w1, w3 (judged on the routed MoE output);
-    then each expert's w3 -> w2 on that expert's activations for all tokens. Router untouched."""
-    ew = ExpertWeights(layer, runner.config.intermediate_size)
-    n_exp = runner.config.num_local_experts
-    xs = feats["mlp"].reshape(-1, feats["mlp"].shape[-1])
-    runner.expert_tokens = routed_counts(layer, xs, runner.config.num_experts_per_tok)
-    runner.stat_tokens = xs.shape[0]
-
-    def handle(e: int, w: str):
-        return (lambda: ew.get(e, w)), (lambda v: ew.set(e, w, v))
-
-    w13 = [handle(e, w) for e in range(n_exp) for w in ("w1", "w3")]
-    moe = layer.mlp
-    sc = _search_scale(lambda h: moe(h.unsqueeze(0))[0], xs, w13, s.bits, s.group_size)
-    fold(layer.post_attention_layernorm, sc, w13)
-    xs = xs / sc
-    todo = []
-    act = moe.experts.act_fn
-    for e in range(n_exp):
-        mid = torch.cat(list(_expert_mid(xs, ew.get(e, "w1"), ew.get(e, "w3"), act)))
-        w2 = handle(e, "w2")
-        sc = _search_scale(lambda h, e=e: h @ ew.get(e, "w2").t(), mid, [w2], s.bits, s.group_size)
-        fold(handle(e, "w3"), sc, [w2])
-        mid = mid / sc
-        p = f"block_sparse_moe.experts.{e}"
-        todo += [(f"{p}.w1", handle(e, "w1"), xs), (f"{p}.w3", handle(e, "w3"), xs), (f"{p}.w2", w2, mid)]
-    return todo
 
 
 def iter_quantized_layers(model: CanonicalModel, ids: torch.Tensor,

@@ -9,7 +9,6 @@ triggers quantization of layer i, and only that layer's results are held.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,40 +16,23 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import write_hf_checkpoint
-from ..convert.canonical import CanonicalModel, LazyTensor
-from ..convert.hf_export import hf_config, native_tokenizer_config
+from ..convert.hf_export import hf_config
 from ..errors import MtoolError
+from ..model import experts
+from ..model.canonical import CanonicalModel, LazyTensor
+from ..model.checkpoint import write_hf_checkpoint
+from ..model.tokenizer import native_tokenizer_config
+from ..outputs import check_output_path
 from .calib import calibration_ids
-from .engine import LINEARS, LayerReport, QuantSettings, iter_quantized_layers
+from .engine import LayerReport, QuantSettings, iter_quantized_layers
 from .packing import GPTQ_BITS, pack_awq, pack_gptq
 
 GPTQ_GROUPS = (-1, 32, 64, 128)
 AWQ_GROUPS = (32, 64, 128)
 EXPERT_NAMINGS = ("legacy", "gptqmodel")
-_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])$")
-_GPTQMODEL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
-
-def is_quantized_linear(short: str) -> bool:
-    """Layer-relative canonical name (without .weight) of a linear that gets quantized."""
-    return short in LINEARS or bool(_EXPERT.match(short))
-
-
 def output_name(short: str, naming: str) -> str:
-    """Layer-relative output name: the source's legacy Mixtral names, or the fused-model names
-    GPTQModel loads (mlp.experts.E.{gate,up,down}_proj, mlp.gate)."""
-    if naming == "gptqmodel":
-        m = _EXPERT.match(short.rsplit(".", 1)[0]) if short.endswith((".weight", ".qweight", ".qzeros", ".scales", ".g_idx")) else None
-        if m:
-            return f"mlp.experts.{m.group(1)}.{_GPTQMODEL_NAMES[m.group(2)]}.{short.rsplit('.', 1)[1]}"
-        if short.startswith("block_sparse_moe.gate."):
-            return "mlp.gate." + short.rsplit(".", 1)[1]
-    return short
-
-
-# module parameter names of transformers' Mixtral layer -> canonical names (others are equal)
-_MODULE_TO_CANONICAL = {"mlp.gate.weight": "block_sparse_moe.gate.weight"}
+    """Layer-relative output name: the canonical (legacy Mixtral) names, or the names GPTQModel loads."""
+    return experts.to_gptqmodel(short) if naming == "gptqmodel" else short
 
 
 @dataclass
@@ -82,7 +64,7 @@ def check_settings(model: CanonicalModel, s: QuantSettings, expert_naming: str =
         if not t.name.startswith("model.layers.") or not t.name.endswith(".weight"):
             continue
         short = t.name.split(".", 3)[3].removesuffix(".weight")
-        if not is_quantized_linear(short):
+        if not model.spec.is_quantized_linear(short):
             continue
         out_f, in_f = t.shape
         if s.group_size != -1 and in_f % s.group_size:
@@ -128,8 +110,6 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
                      progress: bool = True, on_layer: Callable[[LayerReport], None] | None = None,
                      expert_naming: str = "legacy") -> QuantReport:
     """Quantize `model` with GPTQ or AWQ and write the checkpoint to `out`."""
-    from ..outputs import check_output_path
-
     check_settings(model, settings, expert_naming)
     inputs = (model.source, model.tokenizer_dir) + ((Path(calib),) if calib else ())
     check_output_path(Path(out), force=force, sources=inputs)
@@ -142,7 +122,7 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
             prefix = f"model.layers.{i}."
             tensors = {}
             for n, p in layer.named_parameters():
-                canonical = _MODULE_TO_CANONICAL.get(n, n)
+                canonical = experts.from_gptqmodel(n)  # transformers' MoE module holds the router as mlp.gate
                 if n.startswith("mlp.experts.") or canonical.removesuffix(".weight") in results:
                     continue  # quantized: packed below
                 tensors[prefix + output_name(canonical, expert_naming)] = p.detach().to(torch.float16).cpu()
@@ -161,7 +141,7 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
         if t.name.startswith("model.layers."):
             i = int(t.name.split(".")[2])
             short = t.name.split(".", 3)[3]
-            if is_quantized_linear(short.removesuffix(".weight")) and short.endswith(".weight"):
+            if model.spec.is_quantized_linear(short.removesuffix(".weight")) and short.endswith(".weight"):
                 base = short.removesuffix(".weight")
                 for k, (shape, dt) in _quant_shapes(t.name, t.shape[0], t.shape[1], settings).items():
                     n = f"model.layers.{i}." + output_name(f"{base}.{k}", expert_naming)
@@ -173,7 +153,7 @@ def export_quantized(model: CanonicalModel, out: Path, settings: QuantSettings, 
             tensors.append(LazyTensor(t.name, t.shape, torch.float16, lambda t=t: t.load().to(torch.float16)))
     config = hf_config(model)
     config["dtype"] = "float16"
-    qcfg = quantization_config(settings, moe=bool(model.config.get("num_local_experts")))
+    qcfg = quantization_config(settings, moe=model.moe)
     config["quantization_config"] = qcfg
     extra = {"quantize_config.json": json.dumps(qcfg, indent=2).encode()} if settings.method == "gptq" else {}
     report.out = write_hf_checkpoint(out, config, tensors, copy_from=model.tokenizer_dir,

@@ -19,20 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..convert.canonical import CanonicalModel
-from ..convert.gguf_export import expert_gguf_name, gguf_name
+from ..convert.gguf_export import gguf_name
 from ..convert.imatrix_file import ImportanceMatrix, write_imatrix
 from ..errors import InputError, UsageError
-from .engine import ExpertWeights, LayerRunner, QuantSettings, is_moe
-
-# module whose input is hooked -> the linears (canonical names inside the layer) that read it
-DENSE_INPUTS = {
-    "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
-MOE_INPUTS = {k: v for k, v in DENSE_INPUTS.items() if k.startswith("self_attn.")}
+from ..model import experts
+from ..model.canonical import CanonicalModel
+from ..outputs import check_output_path, commit_files, output_transaction
+from .calib import calibration_ids
+from .engine import LayerRunner, QuantSettings, expert_mid
 
 
 @dataclass
@@ -66,7 +60,7 @@ def compute_imatrix(model: CanonicalModel, ids: torch.Tensor, *, device: str = "
                     on_layer: Callable[[ImatrixLayerReport], None] | None = None) -> ImportanceMatrix:
     """Importance matrix of `model` over calibration windows `ids` [n, seqlen]."""
     runner = LayerRunner(model, ids, QuantSettings("none", device=device))
-    moe = is_moe(model)
+    moe = model.moe
     acc = _Accumulator()
     x = runner.x
     for i in range(model.n_layers):
@@ -74,7 +68,7 @@ def compute_imatrix(model: CanonicalModel, ids: torch.Tensor, *, device: str = "
         layer = runner.layer(i)
         prefix = f"model.layers.{i}."
         names = {m: [gguf_name(model, f"{prefix}{n}.weight") for n in lins]
-                 for m, lins in (MOE_INPUTS if moe else DENSE_INPUTS).items()}
+                 for m, lins in model.spec.shared_inputs().items()}
         mods = dict(layer.named_modules())
         routed: list[int] | None = None  # summed over the forward's batches
 
@@ -113,12 +107,10 @@ def _moe_statistics(runner: LayerRunner, layer, hidden: torch.Tensor, i: int, ac
     """Router: every token; each expert's w1/w3 (gate/up) and w2 (down): its routed tokens."""
     cfg = runner.config
     xs = hidden.reshape(-1, hidden.shape[-1])
-    n_exp = cfg.num_local_experts
-    acc.add(f"blk.{i}.ffn_gate_inp.weight", xs)
+    n_exp = runner.model.n_experts
+    acc.add(gguf_name(runner.model, f"model.layers.{i}.{experts.ROUTER}.weight"), xs)
     _, _, chosen = layer.mlp.gate(xs)  # transformers' own router: [tokens, top_k] expert ids
-    ew = ExpertWeights(layer, cfg.intermediate_size)
-    act = layer.mlp.experts.act_fn
-    gate, up, down = expert_gguf_name(i, "w1"), expert_gguf_name(i, "w3"), expert_gguf_name(i, "w2")
+    gate, up, down = experts.gguf_stack(i, "w1"), experts.gguf_stack(i, "w3"), experts.gguf_stack(i, "w2")
     routed = []
     for e in range(n_exp):
         tok = xs[(chosen == e).any(-1)]
@@ -129,7 +121,7 @@ def _moe_statistics(runner: LayerRunner, layer, hidden: torch.Tensor, i: int, ac
             continue
         acc.add(gate, tok, e, n_exp)
         acc.add(up, tok, e, n_exp)
-        acc.add(down, act(tok @ ew.get(e, "w1").t()) * (tok @ ew.get(e, "w3").t()), e, n_exp)
+        acc.add(down, expert_mid(layer, tok, e, cfg.intermediate_size), e, n_exp)
     return routed
 
 
@@ -147,9 +139,6 @@ def make_imatrix(model: CanonicalModel, out: Path, *, calib: Path | None = None,
                  seqlen: int = 128, seed: int = 0, device: str = "cpu", force: bool = False,
                  on_layer: Callable[[ImatrixLayerReport], None] | None = None) -> ImatrixReport:
     """Compute the importance matrix of `model` on calibration text and write it (GGUF) to `out`."""
-    from ..outputs import check_output_path, commit_files, output_transaction
-    from .calib import calibration_ids
-
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"importance matrix output {out} must end in .gguf (llama.cpp's GGUF imatrix format)")

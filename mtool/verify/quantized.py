@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointReader
 from ..device import resolve_device
 from ..errors import MtoolError
+from ..model import experts
+from ..model.checkpoint import CheckpointReader
 from ..quantize.packing import dequantize_awq, dequantize_gptq
 
 
@@ -49,20 +50,10 @@ def dequantized_state_dict(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, {_legacy_moe_name(k): v for k, v in sd.items()}
 
 
-_FUSED_TO_LEGACY = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-
-
 def _legacy_moe_name(name: str) -> str:
     """GPTQModel's Mixtral names (mlp.experts.E.gate_proj, mlp.gate) -> the legacy names transformers maps."""
-    parts = name.split(".")
-    if "mlp" in parts:
-        i = parts.index("mlp")
-        rest = parts[i + 1 :]
-        if len(rest) == 4 and rest[0] == "experts" and rest[2] in _FUSED_TO_LEGACY:
-            return ".".join(parts[:i] + ["block_sparse_moe", "experts", rest[1], _FUSED_TO_LEGACY[rest[2]], rest[3]])
-        if rest == ["gate", "weight"]:
-            return ".".join(parts[:i] + ["block_sparse_moe", "gate", "weight"])
-    return name
+    at = experts.split_layer(name)
+    return f"model.layers.{at[0]}.{experts.from_gptqmodel(at[1])}" if at else name
 
 
 class QuantizedRunner:
@@ -75,9 +66,6 @@ class QuantizedRunner:
 
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM
-        from ..transformers_env import quiet_transformers
-
-        quiet_transformers()
 
         self.device = resolve_device(device)
         config, sd = dequantized_state_dict(path)

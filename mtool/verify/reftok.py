@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..model.tokenizer import open_tokenizer
 
 
 @dataclass
@@ -26,8 +27,6 @@ class ReferenceTokenizer:
 
     @classmethod
     def open(cls, tok_dir: Path) -> ReferenceTokenizer:
-        from ..tokenizer import open_tokenizer
-
         tok_dir = Path(tok_dir)
         try:
             hf = open_tokenizer(tok_dir)

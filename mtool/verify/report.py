@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert.hf_export import export_hf
 from ..errors import InputError, VerifySetupError
 from ..gguf_file import is_gguf
-from .data import load_text, token_windows
+from ..model.checkpoint import read_json
+from ..model.families import NATIVE, load_canonical
+from ..data import load_text
+from .data import token_windows
 from .metrics import ParityAccumulator, json_safe
 from .reftok import ReferenceTokenizer, compare_tokenization
 from .runners import HFRunner, open_candidate
@@ -74,8 +78,6 @@ def _artifact_type(cand: Path, cand_runner) -> str:
     if is_gguf(cand):
         ft = cand_runner.metadata.get("general.file_type")
         return FILE_TYPE_NAMES.get(ft, f"gguf-ftype-{ft}")
-    from ..checkpoint import read_json
-
     cfg = read_json(cand / "config.json") if (cand / "config.json").is_file() else {}
     q = cfg.get("quantization_config")
     return "f32" if not q else f"{q.get('quant_method', 'quantized')}-{q.get('bits', '?')}bit"
@@ -88,16 +90,10 @@ def canonical_reference(ref: Path) -> Iterator[Path]:
     Llama/Mistral/Mixtral directories are used as they are; other families (TeleChat) are
     written to a temporary canonical HF checkpoint, which is removed afterwards (the model
     is loaded into memory before that)."""
-    from ..convert.families import NATIVE, load_canonical
-
-    from ..checkpoint import read_json
-
     archs = set(read_json(ref / "config.json").get("architectures") or []) if (ref / "config.json").is_file() else set()
     if archs & NATIVE or not archs:
         yield ref
         return
-    from ..convert.hf_export import export_hf
-
     model = load_canonical(ref)
     with tempfile.TemporaryDirectory(prefix="mtool-ref-") as tmp:
         yield export_hf(model, Path(tmp) / "canonical", progress=False)

@@ -10,6 +10,8 @@ import numpy as np
 from ..device import resolve_device
 from ..errors import InputError, MtoolError
 from ..gguf_file import gguf_metadata, is_gguf, open_gguf
+from ..model.families import load_canonical
+from .quantized import QuantizedRunner, quantization_config
 
 
 class HFRunner:
@@ -20,11 +22,6 @@ class HFRunner:
     def __init__(self, path: Path, device: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM
-        from ..transformers_env import quiet_transformers
-
-        quiet_transformers()
-
-        from ..convert.families import load_canonical
 
         load_canonical(path)  # same family checks as convert, with the same clear errors
         self.device = resolve_device(device)
@@ -83,8 +80,6 @@ def open_candidate(path: Path, *, n_ctx: int, device: str, threads: int | None):
     if is_gguf(path):
         return LlamaCppRunner(path, n_ctx, threads)
     if path.is_dir():
-        from .quantized import QuantizedRunner, quantization_config
-
         if quantization_config(path):
             return QuantizedRunner(path, device)
         return HFRunner(path, device)

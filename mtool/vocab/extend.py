@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import TOKENIZER_FILES, read_json, write_hf_checkpoint
-from ..convert.canonical import LazyTensor
-from ..convert.families import load_canonical
-from ..convert.gguf_vocab import is_sentencepiece_json
+from ..convert.gguf_vocab import _added_tokens, is_sentencepiece_json, merge_pairs
 from ..convert.hf_export import hf_config
 from ..errors import InputError, MtoolError, UsageError
+from ..model.canonical import LazyTensor
+from ..model.checkpoint import TOKENIZER_FILES, read_json, write_hf_checkpoint
+from ..model.families import load_canonical
+from ..model.tokenizer import open_tokenizer
+from ..outputs import check_output_path
 
 INITS = ("subword-mean", "mean", "normal")
 _BYTE_TEXT = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -132,12 +134,6 @@ def _spm_split(proto_bytes: bytes) -> callable:
     p.normalizer_spec.add_dummy_prefix = False
     sp = spm.SentencePieceProcessor(model_proto=p.SerializeToString())
     return lambda text: sp.encode(text, out_type=int)
-
-
-def _added_tokens(tok_dir: Path) -> dict[int, tuple[str, bool]]:
-    from ..convert.gguf_vocab import _added_tokens as read
-
-    return read(tok_dir)
 
 
 def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials: list[str],
@@ -264,7 +260,6 @@ def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials:
 def _adds_bos_eos(tok_dir: Path) -> tuple[bool, bool]:
     """Whether the source HF tokenizer adds BOS / EOS, observed (configs saved by different
     transformers versions keep this in different places, or only in tokenizer.json)."""
-    from ..tokenizer import open_tokenizer
 
     tok = open_tokenizer(tok_dir)
     ids = tok("a")["input_ids"]
@@ -333,7 +328,6 @@ def _plan_spm_json(src_tok: Path, tj: dict, tokens: list[str], specials: list[st
     llama.cpp then agrees, because GGUF scores are derived from the merge order."""
     from tokenizers.models import BPE
 
-    from ..convert.gguf_vocab import merge_pairs
 
     model = tj["model"]
     vocab: dict[str, int] = dict(model["vocab"])
@@ -444,7 +438,6 @@ def extend_vocab(src: Path, out: Path, *, tokens_file: Path | None = None, sp_mo
                  specials: tuple[str, ...] = (), init: str = "subword-mean", pad_to_multiple_of: int = 0,
                  seed: int = 0, force: bool = False, progress: bool = True) -> ExtendReport:
     """Write `src` with an extended tokenizer and grown embeddings/lm_head to `out`."""
-    from ..outputs import check_output_path
 
     if init not in INITS:
         raise MtoolError(f"unknown --init {init!r} (choose from {', '.join(INITS)})")

@@ -23,9 +23,9 @@ from typing import Protocol
 
 import torch
 
-from .errors import InputError, MtoolError, UsageError
-from .numerics import check_finite
-from .outputs import commit_dir, output_transaction
+from ..errors import InputError, MtoolError, UsageError
+from ..numerics import check_finite
+from ..outputs import commit_dir, output_transaction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

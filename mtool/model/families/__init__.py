@@ -1,26 +1,31 @@
-"""Family adapters: one module per family, selected by config.json `architectures`."""
+"""Family adapters, selected by config.json `architectures`, and the architecture specs they produce."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from ...checkpoint import SUPPORTED_DTYPES, CheckpointReader
 from ...errors import MtoolError
+from ..arch import ArchSpec
 from ..canonical import CanonicalModel
-from . import llama, mixtral, telechat
+from ..checkpoint import SUPPORTED_DTYPES, CheckpointReader
+from . import llama, mixtral, qwen2, telechat
+
+SPECS: tuple[ArchSpec, ...] = (llama.LLAMA, mixtral.MIXTRAL, qwen2.QWEN2)
 
 # architectures entry -> adapter. Adding a family = one module + one line here.
 ADAPTERS: dict[str, Callable[[CheckpointReader], CanonicalModel]] = {
     "LlamaForCausalLM": llama.adapt,
     "MistralForCausalLM": llama.adapt,
-    "MixtralForCausalLM": mixtral.adapt,
+    "MixtralForCausalLM": partial(llama.adapt, spec=mixtral.MIXTRAL),
+    "Qwen2ForCausalLM": qwen2.adapt,
     "TelechatForCausalLM": telechat.adapt_telechat,
     "TELECHAT": telechat.adapt_telechat52b,
 }
 
-# Families transformers can load without remote code; others are verified through their canonical form.
-NATIVE = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"}
+# Sources transformers loads without remote code; others are verified through their canonical form.
+NATIVE = {a for s in SPECS if s.native for a in s.hf_architectures}
 
 
 def load_canonical(path: str | Path) -> CanonicalModel:

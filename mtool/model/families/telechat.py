@@ -19,10 +19,11 @@ from collections.abc import Callable
 
 import torch
 
-from ...checkpoint import CheckpointReader
+from ..checkpoint import CheckpointReader
 from ...errors import MtoolError
-from ..canonical import CanonicalModel, LazyTensor, check_shapes, normalize_llama_config, require, zeros
-from . import llama
+from ..canonical import (CanonicalModel, LazyTensor, bias_shapes, canonical_shapes, check_shapes, in_layer_order,
+                         head_dim, normalize_config, require, zeros)
+from .llama import LLAMA
 
 Loader = Callable[[], torch.Tensor]
 
@@ -50,16 +51,16 @@ def _canonical_config(src: dict, *, hidden: int, ffn: int, max_pos: int, theta: 
         "bos_token_id": src.get("bos_token_id"), "eos_token_id": src.get("eos_token_id"),
         "pad_token_id": src.get("pad_token_id"),
     }
-    return normalize_llama_config(cfg, where)
+    return normalize_config(cfg, where, LLAMA)
 
 
 def _check_kv(reader: CheckpointReader, name: str, cfg: dict, where: str) -> None:
     rows, cols = reader.info(name).shape
-    want = 2 * cfg["num_key_value_heads"] * cfg["head_dim"]
+    want = 2 * cfg["num_key_value_heads"] * head_dim(cfg)
     if rows != want or cols != cfg["hidden_size"]:
         raise MtoolError(
             f"{where}: {name} has shape [{rows}, {cols}], but n_head/kv heads={cfg['num_key_value_heads']} x head_dim="
-            f"{cfg['head_dim']} x 2 (K and V) and hidden {cfg['hidden_size']} need [{want}, {cfg['hidden_size']}]"
+            f"{head_dim(cfg)} x 2 (K and V) and hidden {cfg['hidden_size']} need [{want}, {cfg['hidden_size']}]"
         )
 
 
@@ -73,7 +74,7 @@ def adapt_telechat(reader: CheckpointReader) -> CanonicalModel:
         theta=src.get("rope_theta", src.get("rotary_base", 10000.0)), bias=True, where=where,
     )
     pre = "transformer." if "transformer.word_embeddings.weight" in reader else ""
-    nkv, d = cfg["num_key_value_heads"], cfg["head_dim"]
+    nkv, d = cfg["num_key_value_heads"], head_dim(cfg)
     dt = reader.info(f"{pre}word_embeddings.weight").dtype
     src_names: dict[str, str] = {"model.embed_tokens.weight": f"{pre}word_embeddings.weight",
                                  "model.norm.weight": f"{pre}ln_f.weight"}
@@ -92,7 +93,7 @@ def adapt_telechat(reader: CheckpointReader) -> CanonicalModel:
             f"{c}.mlp.down_proj.weight": f"{s}.mlp.down_proj.weight",
             f"{c}.mlp.down_proj.bias": f"{s}.mlp.down_proj.bias",
         })
-    expected = llama.canonical_shapes(cfg) | llama.bias_shapes(cfg)
+    expected = canonical_shapes(LLAMA, cfg) | bias_shapes(LLAMA, cfg)
     missing = [s for s in src_names.values() if s not in reader]
     if missing:
         raise MtoolError(f"{where}: tensor {missing[0]} is missing")
@@ -118,8 +119,8 @@ def adapt_telechat(reader: CheckpointReader) -> CanonicalModel:
             if not name.endswith(".bias"):
                 raise MtoolError(f"{where}: no source for canonical tensor {name}")
             tensors[name] = zeros(name, shape, dt)
-    order = llama.in_layer_order(list(tensors), llama.canonical_shapes(cfg))
-    return CanonicalModel("telechat", cfg, [tensors[n] for n in order], reader.path, reader.path)
+    order = in_layer_order(list(tensors), canonical_shapes(LLAMA, cfg))
+    return CanonicalModel("telechat", LLAMA, cfg, [tensors[n] for n in order], reader.path, reader.path)
 
 
 def _mup_factors(src: dict) -> tuple[float, float]:
@@ -141,7 +142,7 @@ def adapt_telechat52b(reader: CheckpointReader) -> CanonicalModel:
         max_pos=src.get("n_positions") or src.get("training_seqlen") or 4096,
         theta=src.get("rotary_theta", src.get("rope_theta", 10000.0)), bias=False, where=where,
     )
-    f, nh, nkv, d = cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    f, nh, nkv, d = cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
     in_mult, out_mult = _mup_factors(src)
     needed = {"transformer.wte.weight": (cfg["vocab_size"], hidden), "transformer.ln_f.weight": (hidden,)}
     if not cfg["tie_word_embeddings"]:
@@ -195,4 +196,4 @@ def adapt_telechat52b(reader: CheckpointReader) -> CanonicalModel:
     notes = []
     if (in_mult, out_mult) != (1.0, 1.0):
         notes.append(f"muP folded: embeddings x {in_mult:g}, lm_head x {out_mult:g}")
-    return CanonicalModel("telechat52b", cfg, t, reader.path, reader.path, notes=notes)
+    return CanonicalModel("telechat52b", LLAMA, cfg, t, reader.path, reader.path, notes=notes)
