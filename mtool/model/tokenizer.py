@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .checkpoint import TOKENIZER_FILES
 
+SPM_TOKENIZER_CLASS = "LlamaTokenizer"  # transformers' class over a SentencePiece tokenizer.model
 # tokenizer classes transformers has itself; anything else is remote code
 NATIVE_TOKENIZERS = {"LlamaTokenizer", "LlamaTokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend",
                      "Qwen2Tokenizer", "Qwen2TokenizerFast"}
@@ -23,7 +24,7 @@ def native_tokenizer_config(tok_dir: Path) -> dict | None:
     if tc.get("tokenizer_class") in NATIVE_TOKENIZERS and "auto_map" not in tc:
         return None
     tc.pop("auto_map", None)
-    tc["tokenizer_class"] = "LlamaTokenizer" if (Path(tok_dir) / "tokenizer.model").is_file() else "PreTrainedTokenizerFast"
+    tc["tokenizer_class"] = SPM_TOKENIZER_CLASS if (Path(tok_dir) / "tokenizer.model").is_file() else "PreTrainedTokenizerFast"
     return tc
 
 

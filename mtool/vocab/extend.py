@@ -34,7 +34,7 @@ from ..errors import InputError, MtoolError, UsageError
 from ..model.canonical import LazyTensor
 from ..model.checkpoint import TOKENIZER_FILES, read_json, write_hf_checkpoint
 from ..model.families import load_canonical
-from ..model.tokenizer import open_tokenizer
+from ..model.tokenizer import SPM_TOKENIZER_CLASS, open_tokenizer
 from ..outputs import check_output_path
 
 INITS = ("subword-mean", "mean", "normal")
@@ -233,7 +233,7 @@ def _plan_spm(src_tok: Path, tokens: list[str], sp_model: Path | None, specials:
     tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
     for key in ("added_tokens_decoder", "auto_map", "additional_special_tokens", "extra_special_tokens"):
         tc.pop(key, None)
-    tc["tokenizer_class"] = "LlamaTokenizer"
+    tc["tokenizer_class"] = SPM_TOKENIZER_CLASS
     tc["add_bos_token"], tc["add_eos_token"] = _adds_bos_eos(src_tok)
     (work / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
     for fname in ("generation_config.json", "chat_template.jinja", "special_tokens_map.json"):
