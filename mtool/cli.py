@@ -246,9 +246,9 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     """Convert the HF checkpoint SRC to OUT.
 
     \b
-    SRC is an HF model directory of a supported family (Llama, Mistral, Mixtral/Huozi,
-    TeleChat 7B/12B/52B). --to hf writes a plain LlamaForCausalLM/MixtralForCausalLM checkpoint
-    that loads without remote code (TeleChat is re-expressed exactly). --to gptq|awq quantizes
+    SRC is an HF model directory of a supported family (Llama, Mistral, Mixtral/Huozi, Qwen2,
+    TeleChat 7B/12B/52B). --to hf writes a plain Llama/Mixtral/Qwen2 checkpoint that loads
+    without remote code (TeleChat is re-expressed exactly as Llama). --to gptq|awq quantizes
     layer by layer on calibration text into the GPTQ v1 / AWQ GEMM checkpoint formats.
 
     \b
@@ -521,7 +521,7 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--tokenizer-source", type=click.Path(path_type=Path), default=None,
               help="Take the tokenizer from this directory (required when the sources' tokenizers differ).")
 @click.option("--layout", type=click.Choice(["canonical", "original"]), default=None,
-              help="canonical: HF Llama/Mixtral names (any family; TeleChat becomes Llama). "
+              help="canonical: the architecture's HF names (any family; TeleChat becomes Llama). "
                    "original: the sources' own tensor names and config (all sources must share them).")
 @click.option("--split-max-size", default=None, metavar="SIZE", help="safetensors shard size (default 5G).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
