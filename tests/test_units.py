@@ -51,3 +51,27 @@ def test_windows_start_with_bos():
     ws = token_windows(ids, ctx=64, max_windows=3, bos_id=1)
     assert len(ws) == 3 and all(len(w) == 64 and w[0] == 1 for w in ws)
     assert ws[1][1] == ws[0][-1] + 1  # consecutive, no token skipped
+
+
+def test_expert_naming_round_trips_and_fused_rows():
+    import torch
+
+    from mtool.model import experts
+
+    for short in ("block_sparse_moe.experts.7.w1.qweight", "block_sparse_moe.experts.0.w2.weight",
+                  "block_sparse_moe.gate.weight", "self_attn.q_proj.bias"):
+        assert experts.from_gptqmodel(experts.to_gptqmodel(short)) == short
+    assert experts.to_gptqmodel("block_sparse_moe.experts.3.w3.scales") == "mlp.experts.3.up_proj.scales"
+    assert experts.to_gptqmodel("block_sparse_moe.gate.weight") == "mlp.gate.weight"
+    assert experts.gguf_stack(5, "w2") == "blk.5.ffn_down_exps.weight"
+    # fused rows address the same values transformers' fused parameters hold
+    n, f, h = 3, 4, 5
+    per = {experts.legacy(e, w) + ".weight": torch.randn(f if w != "w2" else h, h if w != "w2" else f)
+           for e in range(n) for w in ("w1", "w2", "w3")}
+    fused = experts.to_fused({**per, experts.ROUTER + ".weight": torch.zeros(n, h)}, n)
+    for e in range(n):
+        for w in ("w1", "w2", "w3"):
+            name, row0, rows = experts.fused_rows(e, w, f, h)
+            t = fused[name]
+            got = t.reshape(-1, t.shape[-1])[row0 : row0 + rows]
+            assert torch.equal(got, per[experts.legacy(e, w) + ".weight"])

@@ -55,7 +55,6 @@ class GGUFResult:
 
     files: list[Path]
     n_tensors: int
-    bytes_in: int
     bytes_out: int
     seconds: float
     type_counts: dict[str, int]
@@ -349,7 +348,7 @@ def export_gguf(
 
     counts = type_counts(p.qtype for p in planned)
     return GGUFResult(
-        files=files, n_tensors=len(planned), bytes_in=model.total_bytes(), bytes_out=total_out,
+        files=files, n_tensors=len(planned), bytes_out=total_out,
         seconds=time.perf_counter() - t0, type_counts=counts, notes=notes, n_params=model.n_params(),
         fallbacks=fallbacks,
     )

@@ -149,7 +149,6 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
         w.close()
         files = commit_gguf(tx.dir, out, old_shards, force)
     counts = type_counts(plan.types.values())
-    in_bytes = sum(s.stat().st_size for s in shards)
-    return GGUFResult(files=files, n_tensors=len(tensors), bytes_in=in_bytes, bytes_out=total,
+    return GGUFResult(files=files, n_tensors=len(tensors), bytes_out=total,
                       seconds=time.perf_counter() - t0, type_counts=counts, notes=im_notes,
                       n_params=sum(int(t.n_elements) for t in tensors), fallbacks=plan.fallbacks)
