@@ -457,10 +457,14 @@ def imatrix(src: Path, out: Path, calib: Path | None, nsamples: int, seqlen: int
 @click.option("--max-ppl-ratio", type=click.FloatRange(min=0), default=None, help="Fail when PPL(candidate)/PPL(reference) exceeds this.")
 @click.option("--allow-token-mismatch", is_flag=True, help="Do not fail when the candidate tokenizes differently.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama.cpp (default: all cores).")
+@click.option("--reference", type=click.Choice(["auto", "whole", "streamed"]), default="auto", show_default=True,
+              help="How REF runs: whole (the model in float32 at once), streamed (one decoder layer at a time over "
+                   "all windows: memory of one layer, for models larger than RAM or GPU), auto (streamed above 1 GiB "
+                   "of float32 weights).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def verify(ref: Path, cand: Path, data: Path | None, json_out: Path | None, device: str, ctx: int, max_windows: int,
            max_kld: float | None, min_top1: float | None, max_ppl_ratio: float | None,
-           allow_token_mismatch: bool, threads: int | None, quiet: bool) -> None:
+           allow_token_mismatch: bool, threads: int | None, reference: str, quiet: bool) -> None:
     """Check that artifact CAND computes what the HF model REF computes.
 
     Runs both on the same token windows and reports perplexities, PPL ratio, mean and p99
@@ -478,7 +482,8 @@ def verify(ref: Path, cand: Path, data: Path | None, json_out: Path | None, devi
         check_report_path(json_out, "--json")  # before minutes of work, not after
     rep = run_verify(ref, cand, data=data, device=device, ctx=ctx, max_windows=max_windows,
                      overrides={"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio},
-                     allow_token_mismatch=allow_token_mismatch, threads=threads, progress=not quiet)
+                     allow_token_mismatch=allow_token_mismatch, threads=threads, progress=not quiet,
+                     reference=reference)
     if json_out:
         write_report(json_out, json.dumps(rep.as_dict(), indent=2, ensure_ascii=False, allow_nan=False))
     click.echo(rep.table())

@@ -54,6 +54,7 @@ class ArchSpec:
     modeling: str  # transformers module holding the classes below
     decoder_layer: str
     rotary: str
+    norm: str  # the final norm's class
     gguf_arch: str  # gguf-py MODEL_ARCH member
     linear_groups: tuple[tuple[str, ...], ...]  # quantized linears in true-sequential order; a group shares its input
     awq: tuple[AwqMapping, ...]

@@ -69,7 +69,7 @@ class LayerRunner:
         self.expert_tokens: list[int] | None = None
         self.stat_tokens: int | None = None
         dev = settings.device
-        emb = _checked(self.by_name["model.embed_tokens.weight"])
+        emb = checked(self.by_name["model.embed_tokens.weight"])
         self.x = emb[ids].to(dev)  # [n, seq, hidden]
         del emb
         rot = transformers_class(model, model.spec.rotary)(self.config).to(dev)
@@ -77,16 +77,7 @@ class LayerRunner:
         self.pos = rot(self.x[:1], pos)
 
     def layer(self, i: int):
-        layer = transformers_class(self.model, self.model.spec.decoder_layer)(self.config, i)
-        prefix = f"model.layers.{i}."
-        sd = {n[len(prefix):]: _checked(t) for n, t in self.by_name.items() if n.startswith(prefix)}
-        if self.moe:
-            sd = experts.to_fused(sd, self.model.n_experts)
-        missing, unexpected = layer.load_state_dict(sd, strict=False)
-        if unexpected or [m for m in missing if not m.endswith(".bias")]:
-            raise MtoolError(f"layer {i}: weights do not fit {self.model.spec.decoder_layer} "
-                             f"(missing {missing}, unexpected {unexpected})")
-        return layer.to(self.s.device).eval()
+        return build_layer(self.model, self.config, self.by_name, i, self.s.device)
 
     @torch.no_grad()
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +109,20 @@ class LayerRunner:
                 h.remove()
 
 
+def build_layer(model: CanonicalModel, config, by_name: dict, i: int, device: str):
+    """Decoder layer i as transformers' module of the spec, filled from the canonical tensors (float32)."""
+    layer = transformers_class(model, model.spec.decoder_layer)(config, i)
+    prefix = f"model.layers.{i}."
+    sd = {n[len(prefix):]: checked(t) for n, t in by_name.items() if n.startswith(prefix)}
+    if model.moe:
+        sd = experts.to_fused(sd, model.n_experts)
+    missing, unexpected = layer.load_state_dict(sd, strict=False)
+    if unexpected or [m for m in missing if not m.endswith(".bias")]:
+        raise MtoolError(f"layer {i}: weights do not fit {model.spec.decoder_layer} "
+                         f"(missing {missing}, unexpected {unexpected})")
+    return layer.to(device).eval()
+
+
 class _StopForward(Exception):
     """Raised by a capture hook once the input it needs has been seen."""
 
@@ -126,7 +131,7 @@ def _first(o):
     return o[0] if isinstance(o, tuple) else o
 
 
-def _checked(t) -> torch.Tensor:
+def checked(t) -> torch.Tensor:
     """A canonical tensor in float32, refused when it holds NaN/Inf (would quantize to garbage)."""
     w = t.load()
     check_finite(w, t.name)

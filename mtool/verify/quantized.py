@@ -16,7 +16,9 @@ import torch
 from ..device import resolve_device
 from ..errors import MtoolError
 from ..model import experts
+from ..model.canonical import CanonicalModel, LazyTensor, bias_shapes, canonical_shapes, in_layer_order, normalize_config
 from ..model.checkpoint import CheckpointReader
+from ..model.families import spec_for
 from ..quantize.packing import dequantize_awq, dequantize_gptq
 
 
@@ -27,8 +29,9 @@ def quantization_config(path: Path) -> dict | None:
     return json.loads(cfg_path.read_text()).get("quantization_config")
 
 
-def dequantized_state_dict(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config without quantization_config, float32 state dict) of a GPTQ or AWQ checkpoint."""
+def dequantized_model(path: Path) -> CanonicalModel:
+    """A GPTQ or AWQ checkpoint as a canonical model whose tensors dequantize (to float32) when loaded,
+    so a runner can take it one layer at a time."""
     reader = CheckpointReader(path)
     config = dict(reader.config)
     q = config.pop("quantization_config", None) or {}
@@ -37,17 +40,37 @@ def dequantized_state_dict(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise MtoolError(f"{path}: quantization method {method!r} is not supported (gptq, awq)")
     if method == "gptq" and q.get("checkpoint_format", "gptq") != "gptq":
         raise MtoolError(f"{path}: GPTQ checkpoint_format {q.get('checkpoint_format')!r} is not supported (gptq v1)")
-    names = set(reader.names())
-    sd: dict[str, torch.Tensor] = {}
+    spec = spec_for(config, str(path))
+    cfg = normalize_config(config, str(path), spec)
+    stored = {_legacy_moe_name(n): n for n in reader.names()}  # canonical -> stored name
+
+    def dequantized(prefix: str) -> torch.Tensor:
+        parts = {k: reader.load(f"{prefix}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{prefix}.{k}" in reader}
+        return (dequantize_gptq(parts, int(q["bits"])) if method == "gptq"
+                else dequantize_awq(parts, int(q["group_size"])))
+
+    expected = canonical_shapes(spec, cfg)
+    names = in_layer_order(list(expected) + [n for n in bias_shapes(spec, cfg) if n in stored], expected)
+    tensors = []
     for n in names:
-        if n.endswith(".qweight"):
-            prefix = n.removesuffix(".qweight")
-            parts = {k: reader.load(f"{prefix}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx") if f"{prefix}.{k}" in names}
-            sd[f"{prefix}.weight"] = (dequantize_gptq(parts, int(q["bits"])) if method == "gptq"
-                                      else dequantize_awq(parts, int(q["group_size"])))
-        elif not n.endswith((".qzeros", ".scales", ".g_idx")):
-            sd[n] = reader.load(n).to(torch.float32)
-    return config, {_legacy_moe_name(k): v for k, v in sd.items()}
+        packed = stored.get(n.removesuffix(".weight") + ".qweight")
+        if packed:
+            load = (lambda p=packed.removesuffix(".qweight"): dequantized(p))
+            shape = expected[n]
+        elif n in stored:
+            load, shape = (lambda s=stored[n]: reader.load(s).to(torch.float32)), tuple(reader.info(stored[n]).shape)
+        else:
+            raise MtoolError(f"{path}: tensor {n} is missing")
+        tensors.append(LazyTensor(n, shape, torch.float32, load))
+    return CanonicalModel(spec.name, spec, cfg, tensors, Path(path), Path(path))
+
+
+def dequantized_state_dict(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config without quantization_config, float32 state dict) of a GPTQ or AWQ checkpoint."""
+    model = dequantized_model(path)
+    config = {k: v for k, v in CheckpointReader(path).config.items() if k != "quantization_config"}
+    return config, {t.name: t.load() for t in model.tensors}
 
 
 def _legacy_moe_name(name: str) -> str:

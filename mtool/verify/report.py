@@ -20,6 +20,7 @@ from .data import token_windows
 from .metrics import ParityAccumulator, json_safe
 from .reftok import ReferenceTokenizer, compare_tokenization
 from .runners import HFRunner, open_candidate
+from .streamed import STREAM_ABOVE_BYTES, StreamedRunner
 from .thresholds import FILE_TYPE_NAMES, Thresholds, defaults_for
 
 # Fewer scored positions than this cannot support a verdict (KLD and top-1 of a handful of
@@ -112,8 +113,13 @@ def run_verify(
     allow_token_mismatch: bool = False,
     threads: int | None = None,
     progress: bool = False,
+    reference: str = "auto",
 ) -> VerifyReport:
     """Run both models on the same windows of `data` and judge the candidate.
+
+    `reference`: "whole" loads the reference model in float32; "streamed" runs it one decoder
+    layer at a time over all windows (StreamedRunner: memory of one layer, whatever the model);
+    "auto" streams models whose float32 weights exceed STREAM_ABOVE_BYTES.
 
     Errors (exit 2) are raised for what prevents a verdict: unreadable inputs, too little
     text, a reference that computes NaN. A candidate that computes NaN is a FAIL."""
@@ -126,10 +132,17 @@ def run_verify(
         raise InputError(f"reference {ref} must be a Hugging Face model directory")
     if not cand.exists():
         raise InputError(f"candidate {cand} does not exist")
+    if reference not in ("auto", "whole", "streamed"):
+        raise VerifySetupError(f"--reference must be auto, whole or streamed, not {reference!r}")
     text = load_text(data)
-    with canonical_reference(ref) as ref_dir:
-        ref_runner = HFRunner(ref_dir, device)
-        ref_tok = ReferenceTokenizer.open(ref_dir)
+    model = load_canonical(ref)  # the family checks, with their clear errors, before any weight is read
+    if reference == "streamed" or (reference == "auto" and 4 * model.n_params() > STREAM_ABOVE_BYTES):
+        ref_runner = StreamedRunner(model, device)
+        ref_tok = ReferenceTokenizer.open(ref)
+    else:
+        with canonical_reference(ref) as ref_dir:
+            ref_runner = HFRunner(ref_dir, device)
+            ref_tok = ReferenceTokenizer.open(ref_dir)
     ctx = min(ctx, ref_runner.n_ctx)
     if ctx < 16:
         raise VerifySetupError(f"the reference's context ({ref_runner.n_ctx} tokens) is too short to verify with")
@@ -142,23 +155,28 @@ def run_verify(
             f"only {scored} positions to score ({len(windows)} window(s) of up to {ctx} tokens from "
             f"{data or 'the built-in text'}); need at least {MIN_SCORED_POSITIONS}: give more --data text, "
             f"a larger --ctx or more --max-windows")
-    cand_runner = open_candidate(cand, n_ctx=ctx, device=device, threads=threads)
+    cand_runner = open_candidate(cand, n_ctx=ctx, device=device, threads=threads, reference=reference)
     if cand_runner.vocab_size != ref_runner.vocab_size:
         raise VerifySetupError(
             f"vocab sizes differ: reference {ref_runner.vocab_size}, candidate {cand_runner.vocab_size}"
         )
     acc = ParityAccumulator()
+    streamed = isinstance(ref_runner, StreamedRunner)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(windows), desc="verify windows", unit="window", leave=False)
-    for i, w in enumerate(windows):
-        ref_logits = ref_runner.logits(w)
+        bar = tqdm(total=len(windows) + (model.n_layers if streamed else 0), desc="verify (layers, windows)",
+                   unit="step", leave=False)
+    ref_iter = (ref_runner.iter_logits(windows, on_layer=lambda i: bar and bar.update(1)) if streamed
+                else (ref_runner.logits(w) for w in windows))
+    cand_iter = (cand_runner.iter_logits(windows) if isinstance(cand_runner, StreamedRunner)
+                 else (cand_runner.logits(w) for w in windows))
+    for i, (w, ref_logits, cand_logits) in enumerate(zip(windows, ref_iter, cand_iter)):
         if not np.isfinite(ref_logits).all():
             raise VerifySetupError(f"the reference {ref} computes NaN/Inf logits (window {i}); "
                                    f"its weights or config are broken, so nothing can be verified against it")
-        acc.add(w, ref_logits, cand_runner.logits(w))
+        acc.add(w, ref_logits, cand_logits)
         if bar:
             bar.update(1)
     if bar:

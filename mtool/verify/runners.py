@@ -11,7 +11,8 @@ from ..device import resolve_device
 from ..errors import InputError, MtoolError
 from ..gguf_file import gguf_metadata, is_gguf, open_gguf
 from ..model.families import load_canonical
-from .quantized import QuantizedRunner, quantization_config
+from .quantized import QuantizedRunner, dequantized_model, quantization_config
+from .streamed import STREAM_ABOVE_BYTES, StreamedRunner
 
 
 class HFRunner:
@@ -74,13 +75,23 @@ class LlamaCppRunner:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
 
-def open_candidate(path: Path, *, n_ctx: int, device: str, threads: int | None):
-    """Runner for a candidate artifact: a GGUF file or an HF model directory."""
+def open_candidate(path: Path, *, n_ctx: int, device: str, threads: int | None, reference: str = "auto"):
+    """Runner for a candidate artifact: a GGUF file or an HF model directory. A GPTQ/AWQ candidate
+    is dequantized layer by layer when `reference` streams (or, with auto, when it is large)."""
     path = Path(path)
     if is_gguf(path):
         return LlamaCppRunner(path, n_ctx, threads)
     if path.is_dir():
-        if quantization_config(path):
+        q = quantization_config(path)
+        if q:
+            if reference != "whole":
+                model = dequantized_model(path)
+                if reference == "streamed" or 4 * model.n_params() > STREAM_ABOVE_BYTES:
+                    return StreamedRunner(model, device, what=f"{q.get('quant_method')} {q.get('bits')}-bit dequantized")
             return QuantizedRunner(path, device)
+        if reference != "whole":
+            model = load_canonical(path)
+            if reference == "streamed" or 4 * model.n_params() > STREAM_ABOVE_BYTES:
+                return StreamedRunner(model, device)
         return HFRunner(path, device)
     raise MtoolError(f"candidate {path} is neither a .gguf file nor a model directory")

@@ -28,6 +28,16 @@ ADAPTERS: dict[str, Callable[[CheckpointReader], CanonicalModel]] = {
 NATIVE = {a for s in SPECS if s.native for a in s.hf_architectures}
 
 
+def spec_for(config: dict, where: str) -> ArchSpec:
+    """The spec of a checkpoint already in a spec's HF names (e.g. a GPTQ/AWQ output), by `architectures`."""
+    for arch in config.get("architectures") or []:
+        for spec in SPECS:
+            if arch in spec.hf_architectures:
+                return spec
+    raise MtoolError(f"{where}/config.json: architectures {config.get('architectures')} name no known architecture "
+                     f"(known: {', '.join(a for s in SPECS for a in s.hf_architectures)})")
+
+
 def load_canonical(path: str | Path) -> CanonicalModel:
     """Open an HF model directory and normalize it through its family adapter."""
     reader = CheckpointReader(path)

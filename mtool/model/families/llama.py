@@ -22,7 +22,7 @@ ATTN_AWQ = (AwqMapping("input_layernorm", ATTENTION[:3], "self_attn"),
 LLAMA = ArchSpec(
     name="llama", hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
     config_class="LlamaConfig", modeling="transformers.models.llama.modeling_llama",
-    decoder_layer="LlamaDecoderLayer", rotary="LlamaRotaryEmbedding", gguf_arch="LLAMA",
+    decoder_layer="LlamaDecoderLayer", rotary="LlamaRotaryEmbedding", norm="LlamaRMSNorm", gguf_arch="LLAMA",
     linear_groups=ATTN_GROUPS + (DENSE_MLP[:2], DENSE_MLP[2:]),
     awq=ATTN_AWQ + (AwqMapping("post_attention_layernorm", DENSE_MLP[:2], "mlp"),
                     AwqMapping("mlp.up_proj", DENSE_MLP[2:])),

@@ -15,7 +15,7 @@ W2 = ("block_sparse_moe.experts.*.w2",)
 MIXTRAL = ArchSpec(
     name="mixtral", hf_architectures=("MixtralForCausalLM",),
     config_class="MixtralConfig", modeling="transformers.models.mixtral.modeling_mixtral",
-    decoder_layer="MixtralDecoderLayer", rotary="MixtralRotaryEmbedding", gguf_arch="LLAMA",
+    decoder_layer="MixtralDecoderLayer", rotary="MixtralRotaryEmbedding", norm="MixtralRMSNorm", gguf_arch="LLAMA",
     linear_groups=ATTN_GROUPS + (W13, W2),
     # all experts' w1/w3 share the routed block's input; each expert's w3 feeds its own w2
     awq=ATTN_AWQ + (AwqMapping("post_attention_layernorm", W13, "mlp"), AwqMapping(W13[1], W2)),

@@ -13,7 +13,7 @@ from . import llama
 QWEN2 = ArchSpec(
     name="qwen2", hf_architectures=("Qwen2ForCausalLM",),
     config_class="Qwen2Config", modeling="transformers.models.qwen2.modeling_qwen2",
-    decoder_layer="Qwen2DecoderLayer", rotary="Qwen2RotaryEmbedding", gguf_arch="QWEN2",
+    decoder_layer="Qwen2DecoderLayer", rotary="Qwen2RotaryEmbedding", norm="Qwen2RMSNorm", gguf_arch="QWEN2",
     linear_groups=llama.LLAMA.linear_groups, awq=llama.LLAMA.awq,
     config_fields=COMMON_CONFIG + ("use_sliding_window", "sliding_window", "max_window_layers"),
     required_biases=ATTENTION[:3],
