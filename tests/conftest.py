@@ -16,6 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mtool.tiny import TinySpec, make_tiny_llama  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
 SHAPES = {
     # MHA, tied embeddings, byte-level BPE tokenizer.json
     "mha_tied_bpe": TinySpec(tokenizer="bpe", tokenizer_vocab=800, tied=True, train_steps=30, seed=1),

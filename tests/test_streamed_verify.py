@@ -120,3 +120,15 @@ def test_quantized_candidate_streamed_equals_whole(method, naming, mixtral_model
         assert r.exit_code == 0, r.output + r.stderr
         figures.append([line.split()[2] for line in r.output.splitlines() if line.startswith(("mean KLD", "PPL ratio"))])
     assert figures[0] == figures[1]
+
+
+@pytest.mark.cuda
+def test_streamed_on_cuda_equals_cpu(mixtral_model, monkeypatch):
+    """Layers streamed to the GPU compute what they compute on the CPU (float32, no TF32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    windows = _windows(hf_ids(mixtral_model, builtin_text(), limit=400))
+    model = load_canonical(mixtral_model)
+    cpu = list(StreamedRunner(model, "cpu").iter_logits(windows))
+    gpu = list(StreamedRunner(model, "cuda").iter_logits(windows))
+    for a, b in zip(cpu, gpu):
+        np.testing.assert_allclose(_log_probs(b), _log_probs(a), rtol=1e-4, atol=1e-4)
