@@ -35,7 +35,7 @@ def _windows(ids: list[int]) -> list[list[int]]:
 
 def _compare(ref_dir, tok_dir):
     windows = _windows(hf_ids(tok_dir, builtin_text(), limit=400))
-    with canonical_reference(ref_dir) as d:
+    with canonical_reference(load_canonical(ref_dir)) as d:
         whole = HFRunner(d, "cpu")
     got = list(StreamedRunner(load_canonical(ref_dir), "cpu", batch=2).iter_logits(windows))
     assert len(got) == len(windows)
@@ -55,7 +55,7 @@ def test_mixtral_streamed_equals_whole(mixtral_model):
 
 def test_telechat_streamed_equals_whole_without_a_copy(tmp_path, monkeypatch):
     src = write_telechat(tmp_path / "tc", "12b", seed=3)
-    with canonical_reference(src) as d:  # the whole path writes a canonical copy; the tokenizer is the same
+    with canonical_reference(load_canonical(src)) as d:  # the whole path writes a canonical copy; the tokenizer is the same
         _compare(src, d)
     import mtool.verify.report as report
 
@@ -132,3 +132,14 @@ def test_streamed_on_cuda_equals_cpu(mixtral_model, monkeypatch):
     gpu = list(StreamedRunner(model, "cuda").iter_logits(windows))
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(_log_probs(b), _log_probs(a), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_reference_mode_is_one_line_exit_2(gqa_model, tmp_path):
+    r = CliRunner().invoke(cli, ["verify", str(gqa_model), str(tmp_path / "none.gguf"), "--reference", "halfway"])
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and "--reference" in r.stderr
+    from mtool.verify.report import run_verify
+    from mtool.errors import VerifySetupError
+
+    with pytest.raises(VerifySetupError, match="--reference must be auto, whole or streamed"):
+        run_verify(gqa_model, gqa_model, reference="halfway")

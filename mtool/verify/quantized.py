@@ -17,7 +17,7 @@ from ..device import resolve_device
 from ..errors import MtoolError
 from ..model import experts
 from ..model.canonical import CanonicalModel, LazyTensor, bias_shapes, canonical_shapes, in_layer_order, normalize_config
-from ..model.checkpoint import CheckpointReader
+from ..model.checkpoint import CheckpointReader, read_json
 from ..model.families import spec_for
 from ..quantize.packing import dequantize_awq, dequantize_gptq
 
@@ -69,7 +69,7 @@ def dequantized_model(path: Path) -> CanonicalModel:
 def dequantized_state_dict(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config without quantization_config, float32 state dict) of a GPTQ or AWQ checkpoint."""
     model = dequantized_model(path)
-    config = {k: v for k, v in CheckpointReader(path).config.items() if k != "quantization_config"}
+    config = {k: v for k, v in read_json(Path(path) / "config.json").items() if k != "quantization_config"}
     return config, {t.name: t.load() for t in model.tensors}
 
 

@@ -14,13 +14,14 @@ from ..convert.hf_export import export_hf
 from ..errors import InputError, VerifySetupError
 from ..gguf_file import is_gguf
 from ..model.checkpoint import read_json
+from ..model.canonical import CanonicalModel
 from ..model.families import NATIVE, load_canonical
 from ..data import load_text
 from .data import token_windows
 from .metrics import ParityAccumulator, json_safe
 from .reftok import ReferenceTokenizer, compare_tokenization
 from .runners import HFRunner, open_candidate
-from .streamed import STREAM_ABOVE_BYTES, StreamedRunner
+from .streamed import StreamedRunner, streams
 from .thresholds import FILE_TYPE_NAMES, Thresholds, defaults_for
 
 # Fewer scored positions than this cannot support a verdict (KLD and top-1 of a handful of
@@ -85,17 +86,16 @@ def _artifact_type(cand: Path, cand_runner) -> str:
 
 
 @contextlib.contextmanager
-def canonical_reference(ref: Path) -> Iterator[Path]:
-    """The reference as a directory transformers loads without remote code.
+def canonical_reference(model: CanonicalModel) -> Iterator[Path]:
+    """The reference (opened with load_canonical) as a directory transformers loads without remote code.
 
-    Llama/Mistral/Mixtral directories are used as they are; other families (TeleChat) are
-    written to a temporary canonical HF checkpoint, which is removed afterwards (the model
-    is loaded into memory before that)."""
-    archs = set(read_json(ref / "config.json").get("architectures") or []) if (ref / "config.json").is_file() else set()
-    if archs & NATIVE or not archs:
+    Directories of a native architecture (Llama, Mistral, Mixtral, Qwen2) are used as they are;
+    other families (TeleChat) are written to a temporary canonical HF checkpoint, which is removed
+    afterwards (the model is loaded into memory before that)."""
+    ref = model.source
+    if set(read_json(ref / "config.json").get("architectures") or []) & NATIVE:
         yield ref
         return
-    model = load_canonical(ref)
     with tempfile.TemporaryDirectory(prefix="mtool-ref-") as tmp:
         yield export_hf(model, Path(tmp) / "canonical", progress=False)
 
@@ -136,11 +136,11 @@ def run_verify(
         raise VerifySetupError(f"--reference must be auto, whole or streamed, not {reference!r}")
     text = load_text(data)
     model = load_canonical(ref)  # the family checks, with their clear errors, before any weight is read
-    if reference == "streamed" or (reference == "auto" and 4 * model.n_params() > STREAM_ABOVE_BYTES):
+    if streams(model, reference):
         ref_runner = StreamedRunner(model, device)
         ref_tok = ReferenceTokenizer.open(ref)
     else:
-        with canonical_reference(ref) as ref_dir:
+        with canonical_reference(model) as ref_dir:
             ref_runner = HFRunner(ref_dir, device)
             ref_tok = ReferenceTokenizer.open(ref_dir)
     ctx = min(ctx, ref_runner.n_ctx)

@@ -12,11 +12,12 @@ from ..errors import InputError, MtoolError
 from ..gguf_file import gguf_metadata, is_gguf, open_gguf
 from ..model.families import load_canonical
 from .quantized import QuantizedRunner, dequantized_model, quantization_config
-from .streamed import STREAM_ABOVE_BYTES, StreamedRunner
+from .streamed import StreamedRunner, streams
 
 
 class HFRunner:
-    """A transformers model in float32 on cpu or cuda."""
+    """A transformers model in float32 on cpu or cuda. Callers open `path` with load_canonical first,
+    so the family checks (with convert's clear errors) run before transformers sees it."""
 
     kind = "transformers"
 
@@ -24,7 +25,6 @@ class HFRunner:
         import torch
         from transformers import AutoModelForCausalLM
 
-        load_canonical(path)  # same family checks as convert, with the same clear errors
         self.device = resolve_device(device)
         self.path = Path(path)
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(self.device).eval()
@@ -84,14 +84,12 @@ def open_candidate(path: Path, *, n_ctx: int, device: str, threads: int | None, 
     if path.is_dir():
         q = quantization_config(path)
         if q:
-            if reference != "whole":
-                model = dequantized_model(path)
-                if reference == "streamed" or 4 * model.n_params() > STREAM_ABOVE_BYTES:
-                    return StreamedRunner(model, device, what=f"{q.get('quant_method')} {q.get('bits')}-bit dequantized")
+            model = dequantized_model(path)
+            if streams(model, reference):
+                return StreamedRunner(model, device, what=f"{q.get('quant_method')} {q.get('bits')}-bit dequantized")
             return QuantizedRunner(path, device)
-        if reference != "whole":
-            model = load_canonical(path)
-            if reference == "streamed" or 4 * model.n_params() > STREAM_ABOVE_BYTES:
-                return StreamedRunner(model, device)
+        model = load_canonical(path)
+        if streams(model, reference):
+            return StreamedRunner(model, device)
         return HFRunner(path, device)
     raise MtoolError(f"candidate {path} is neither a .gguf file nor a model directory")

@@ -23,6 +23,11 @@ from ..quantize.engine import build_layer, checked, hf_config_object, transforme
 STREAM_ABOVE_BYTES = 1 << 30
 
 
+def streams(model: CanonicalModel, reference: str) -> bool:
+    """Whether --reference `reference` runs `model` layer by layer (auto: above STREAM_ABOVE_BYTES of float32)."""
+    return reference == "streamed" or (reference == "auto" and 4 * model.n_params() > STREAM_ABOVE_BYTES)
+
+
 class StreamedRunner:
     """A canonical model's logits, computed layer by layer in float32 on cpu or cuda."""
 

@@ -73,7 +73,7 @@ def adapt(reader: CheckpointReader, spec: ArchSpec = LLAMA) -> CanonicalModel:
     for name, shape in optional.items():
         if name in found and tuple(found[name]) != shape:
             raise InputError(f"{where}: shape mismatch for {name}: checkpoint has {list(found[name])}, "
-                                    f"expected {list(shape)}")
+                             f"expected {list(shape)}")
     known = set(expected) | set(optional)
     if lazy:  # the fused tensors stand for the canonical per-expert ones
         fused = (experts.FUSED_GATE_UP, experts.FUSED_DOWN, experts.FUSED_ROUTER + ".weight")
@@ -83,7 +83,7 @@ def adapt(reader: CheckpointReader, spec: ArchSpec = LLAMA) -> CanonicalModel:
     unknown = [n for n in found if n not in known and not n.endswith(IGNORED_SUFFIXES)]
     if unknown:
         raise InputError(f"{where}: unexpected tensor {unknown[0]} for a {spec.hf_class} checkpoint "
-                                f"({len(unknown)} unexpected)")
+                         f"({len(unknown)} unexpected)")
     names = in_layer_order(list(expected) + [n for n in optional if n in found], expected)
     tensors = [lazy.get(n) or LazyTensor(n, tuple(found[n]), reader.info(n).dtype, (lambda n=n: reader.load(n)))
                for n in names]
