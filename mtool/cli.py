@@ -260,8 +260,12 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
       mtool convert ./Yi-34B -o yi-34b-gptq --to gptq --bits 4 --group-size 128 --calib wiki.txt --nsamples 128 --seqlen 512
       mtool convert ./Yi-34B -o yi-34b-awq --to awq --calib wiki.txt
     """
+    from .artifacts import BuildInputs, build_artifact, check_artifact
+    from .device import resolve_device
     from .model.checkpoint import parse_size
     from .model.families import load_canonical
+    from .recipes import load_recipe
+    from .recipes.schema import ArtifactSpec, AwqOptions, GgufOptions, GptqOptions, HfOptions
 
     to = to or ("gguf" if out.suffix == ".gguf" else None)
     if to is None:
@@ -269,10 +273,22 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     if to != "gguf" and out.suffix == ".gguf":
         raise UsageError(f"--to {to} writes a model directory, but OUT {out} ends in .gguf")
     _refuse_inapplicable(click.get_current_context(), to)
-    split_bytes = parse_size(split_max_size)  # a bad size is refused before the source is opened
-    mixture = _mixture(imatrix, tensor_type, output_tensor_type, token_embedding_type, no_fallback)
-    from .recipes import load_recipe
+    parse_size(split_max_size)  # a bad size is refused before the source is opened
+    options = {
+        "gguf": lambda: GgufOptions(outtype, split_max_size, imatrix is not None, tensor_type, output_tensor_type,
+                                    token_embedding_type, no_fallback),
+        "hf": lambda: HfOptions(split_max_size),
+        "gptq": lambda: GptqOptions(bits, group_size, sym, desc_act, damp, expert_naming),
+        "awq": lambda: AwqOptions(bits, group_size, expert_naming),
+    }[to]()
+    spec = ArtifactSpec(name=out.stem if to == "gguf" else out.name, to=to, options=options)
+    if to == "gguf":
+        _mixture(None, tensor_type, output_tensor_type, token_embedding_type, no_fallback)  # flags' own errors
+    im = None
+    if imatrix is not None:
+        from .convert.imatrix_file import read_imatrix
 
+        im = read_imatrix(imatrix)
     rec = load_recipe(recipe) if recipe else None
     model = load_canonical(src)
     if rec:
@@ -280,25 +296,22 @@ def convert(src: Path, out: Path, to: str | None, outtype: str, split_max_size: 
     for note in model.notes:
         click.echo(f"note: {note}", err=True)
     if to in ("gptq", "awq"):
-        _quantize(model, out, to, bits=bits, group_size=group_size, sym=sym if to == "gptq" else False,
-                  desc_act=desc_act, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
-                  expert_naming=expert_naming, force=force, quiet=quiet)
-        return
-    if to == "hf":
-        from .convert.hf_export import export_hf
-
-        t0 = time.perf_counter()
-        path = export_hf(model, out, force=force, max_shard_bytes=split_bytes or 5 * 1000**3,
-                         progress=not quiet, recipe=rec)
-        click.echo(f"wrote {model.config['architectures'][0]} checkpoint ({len(model.tensors)} tensors, "
-                   f"{model.total_bytes() / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s\n  {path}")
-        return
-    from .convert.gguf_export import export_gguf
-
-    res = export_gguf(model, out, outtype=outtype, split_max_size=split_bytes, force=force,
-                      name=name, progress=not quiet, recipe=rec, mixture=mixture)
-    res.notes = res.notes[len(model.notes):]
-    _report_gguf(res)
+        check_artifact(model, spec)
+    dev = resolve_device(device) if to in ("gptq", "awq") else "cpu"
+    bar = _LayerBar(model.n_layers, f"{to} layers", quiet)
+    built = build_artifact(model, spec, out, BuildInputs(
+        recipe=rec, calib=calib, nsamples=nsamples, seqlen=seqlen, device=dev, imatrix=im, gguf_name=name,
+        force=force, progress=not quiet,
+        on_layer=lambda r: bar.update(r.index, err=f"{max(r.errors.values()):.2e}")))
+    bar.close()
+    if to == "gguf":
+        built.detail.notes = built.notes
+        _report_gguf(built.detail)
+    elif to == "hf":
+        click.echo(f"wrote {model.spec.hf_class} checkpoint ({len(model.tensors)} tensors, "
+                   f"{model.total_bytes() / 1e6:.1f} MB) in {built.seconds:.1f} s\n  {built.files[0]}")
+    else:
+        _report_quantized(built.detail, spec, nsamples, seqlen, dev)
 
 
 # convert options and the --to formats they mean something for
@@ -320,21 +333,9 @@ def _refuse_inapplicable(ctx: click.Context, to: str) -> None:
             raise UsageError(f"{flag} does not apply to --to {to} (it is for --to {' / '.join(sorted(formats))})")
 
 
-def _quantize(model, out: Path, method: str, *, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
-              calib: Path | None, nsamples: int, seqlen: int, device: str, expert_naming: str, force: bool,
-              quiet: bool) -> None:
-    from .quantize.engine import QuantSettings
-    from .quantize.export import export_quantized
-    from .device import resolve_device
-
-    settings = QuantSettings(method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=damp,
-                             device=resolve_device(device))
-    bar = _LayerBar(model.n_layers, f"{method} layers", quiet)
-    rep = export_quantized(model, out, settings, calib=calib, nsamples=nsamples, seqlen=seqlen, force=force,
-                           progress=False, expert_naming=expert_naming,
-                           on_layer=lambda r: bar.update(r.index, err=f"{max(r.errors.values()):.2e}"))
-    bar.close()
-    click.echo(f"{method} {bits}-bit g{group_size}: {len(rep.layers)} layers on {settings.device} in {rep.seconds:.1f} s "
+def _report_quantized(rep, spec, nsamples: int, seqlen: int, device: str) -> None:
+    o = spec.options
+    click.echo(f"{spec.to} {o.bits}-bit g{o.group_size}: {len(rep.layers)} layers on {device} in {rep.seconds:.1f} s "
                f"({nsamples} x {seqlen} calibration tokens)")
     click.echo(f"{'layer':>5} {'seconds':>8}  relative output error per linear (max / mean)")
     for lr in rep.layers:
@@ -614,14 +615,128 @@ def extend_vocab_cmd(src: Path, out: Path, tokens_file: Path | None, sp_model: P
 
 @cli.command()
 def recipes() -> None:
-    """List the built-in release recipes (use one with `mtool convert --recipe NAME`)."""
+    """List the built-in release recipes (use one with `mtool release build -r NAME` or `convert --recipe NAME`)."""
     from .recipes import builtin_names, load_recipe
 
     for n in builtin_names():
         r = load_recipe(n)
-        outs = ", ".join(a.get("outtype", a["to"]) for a in r.artifacts)
         click.echo(f"{r.name:<16} {r.family:<9} {r.description}\n{'':<27}eos: {r.eos_token or '(tokenizer default)'}; "
-                   f"artifacts: {outs}")
+                   f"artifacts: {', '.join(a.name for a in r.artifacts)}")
+
+
+@cli.group()
+def release() -> None:
+    """Build, verify, checksum and document every artifact of a recipe.
+
+    \b
+    On one machine:
+      mtool release build ./Huozi-3.5 -r huozi-3.5 -o release/
+    Fanned out over CI jobs (any scheduler: each job is one command):
+      mtool release plan ./Huozi-3.5 -r huozi-3.5 --format json      # one job per artifact
+      mtool release build ./Huozi-3.5 -r huozi-3.5 -o parts/q4_k_m --only q4_k_m
+      mtool release collect parts/* -o release/
+    """
+
+
+@release.command("build")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-r", "--recipe", "recipe", required=True, metavar="NAME|FILE",
+              help="A built-in recipe (see `mtool recipes`) or a YAML recipe file.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Release folder: artifacts, manifest.json, SHA256SUMS, README.md (created if missing).")
+@click.option("--only", multiple=True, metavar="NAME",
+              help="Build only this artifact (repeatable; 'imatrix' for the importance matrix): a part for "
+                   "`release collect`.")
+@click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Use this importance matrix (e.g. the imatrix job's) instead of computing one.")
+@click.option("--force", is_flag=True, help="Rebuild every artifact, even those that are up to date.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where GPTQ/AWQ, the importance matrix and the reference model run.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama.cpp when verifying.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write this run's report (the manifest and what was done) here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (step lines stay).")
+def release_build_cmd(src: Path, recipe: str, out: Path, only: tuple[str, ...], imatrix: Path | None, force: bool,
+                      device: str, threads: int | None, json_out: Path | None, quiet: bool) -> None:
+    """Build every artifact of RECIPE from the HF checkpoint SRC into OUT and verify each against SRC.
+
+    The source is read once for its checks and hashes; an importance matrix is computed once
+    when an artifact needs one; the reference model runs once (its logits are cached) and every
+    artifact is compared with it on the same windows. A second run rebuilds only what changed or
+    is missing or corrupted. Exit 0 when all pass, 1 when any verification fails (that artifact
+    is moved to OUT/failed/ and marked failed in the manifest), 2 on errors.
+
+    \b
+    Example:
+      mtool release build ./my-model -r recipe.yaml -o release/
+      sha256sum -c release/SHA256SUMS
+    """
+    from .outputs import check_report_path, write_report
+    from .recipes import load_recipe
+    from .release.build import ReleaseOptions, release_build
+
+    if json_out:
+        check_report_path(json_out, "--json")
+    rec = load_recipe(recipe)
+    res = release_build(src, rec, out, ReleaseOptions(only=only, force=force, device=device, imatrix=imatrix,
+                                                       threads=threads, progress=not quiet), echo=click.echo)
+    if json_out:
+        write_report(json_out, json.dumps(res.manifest, indent=2, ensure_ascii=False))
+    click.echo(res.table())
+    built = [n for n, a in res.actions.items() if a == "built"]
+    click.echo(f"{len(built)} artifact(s) built, {len(res.actions) - len(built)} up to date; reference model runs: "
+               f"{res.reference_runs}; {res.seconds:.1f} s" + ("" if built else " (nothing to do)"))
+    click.echo(f"  {out}/manifest.json" + ("" if only else f", {out}/SHA256SUMS, {out}/README.md"))
+    if not res.passed:
+        click.echo(f"FAIL: verification failed for {', '.join(res.failed)}", err=True)
+        sys.exit(EXIT_FAIL)
+
+
+@release.command("plan")
+@click.argument("src")
+@click.option("-r", "--recipe", "recipe", required=True, metavar="NAME|FILE", help="Built-in recipe or YAML file.")
+@click.option("--format", "fmt", type=click.Choice(["json", "github-matrix", "shell"]), default="json",
+              show_default=True, help="json: jobs with their dependencies; github-matrix: the artifact jobs as a "
+                                      "strategy matrix; shell: the commands in dependency order.")
+@click.option("--parts", default="parts", show_default=True, help="Folder under which each job writes its part.")
+def release_plan_cmd(src: str, recipe: str, fmt: str, parts: str) -> None:
+    """Print one job per artifact of RECIPE (the importance matrix job first), for any scheduler.
+
+    \b
+    Each job is `mtool release build SRC -r RECIPE -o PARTS/NAME --only NAME`; afterwards
+    `mtool release collect PARTS/* -o DIR` assembles the release.
+    """
+    from .recipes import load_recipe
+    from .release.fanout import github_matrix, plan
+
+    jobs = plan(src, recipe, load_recipe(recipe), parts)
+    if fmt == "json":
+        click.echo(json.dumps({"jobs": jobs, "collect": f"mtool release collect {parts}/* -o release"}, indent=2))
+    elif fmt == "github-matrix":
+        click.echo(json.dumps(github_matrix(jobs), separators=(",", ":")))
+    else:
+        click.echo("\n".join(j["command"] for j in jobs))
+
+
+@release.command("collect")
+@click.argument("parts", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Release folder.")
+@click.option("--force", is_flag=True, help="Collect into a folder that is not empty.")
+def release_collect_cmd(parts: tuple[Path, ...], out: Path, force: bool) -> None:
+    """Check that the PARTS (folders of `release build --only`) agree and assemble the release in OUT.
+
+    Parts must come from the same source files, recipe and mtool version; every file is checked
+    against its sha256. Writes OUT/manifest.json, OUT/SHA256SUMS and OUT/README.md. Exit 1 when
+    an artifact failed its verification in its part.
+    """
+    from .release.fanout import collect
+
+    manifest, _ = collect(list(parts), out, force=force)
+    failed = [a["name"] for a in manifest["artifacts"] if a["status"] == "failed"]
+    click.echo(f"collected {len(manifest['artifacts'])} artifact(s) from {len(parts)} part(s) into {out}")
+    if failed:
+        click.echo(f"FAIL: verification failed for {', '.join(failed)}", err=True)
+        sys.exit(EXIT_FAIL)
 
 
 @cli.command()

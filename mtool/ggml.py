@@ -67,6 +67,7 @@ class GGML:
 
     def __init__(self, path: Path):
         try:
+            self.path = Path(path)
             self.lib = ctypes.CDLL(str(path))
         except OSError as e:
             raise MtoolError(f"cannot load {path}: {e}") from None

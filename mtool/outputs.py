@@ -156,6 +156,17 @@ class _Lock:
             self.fd = -1
 
 
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold the lock of OUT (a file or a folder such as a release directory) while the block runs."""
+    lock = _Lock(Path(out))
+    lock.acquire(Path(out))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _remove_stale_staging(out: Path) -> list[str]:
     """Staging folders of this OUT left by dead processes on this host (we hold the lock)."""
     notes = []

@@ -62,7 +62,7 @@ def test_wrong_family_and_bad_recipes(mixtral_model, tmp_path):
     assert r.exit_code == 2 and "is for telechat models" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nfamily: llama\ncolour: blue\n")
-    with pytest.raises(MtoolError, match="unknown field 'colour'"):
+    with pytest.raises(MtoolError, match="unknown key 'colour'"):
         load_recipe(str(bad))
     missing = tmp_path / "eos.yaml"
     missing.write_text("name: x\nfamily: mixtral\neos_token: '<|im_end|>'\n")

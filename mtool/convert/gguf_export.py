@@ -301,6 +301,7 @@ def export_gguf(
         w = gguf.GGUFWriter(tmp / out.name, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[model.spec.gguf_arch]],
                             split_max_size=split_max_size)
         _add_metadata(w, model, outtype, name or model.source.name)
+        add_provenance(w, getattr(recipe, "provenance", None))
         vocab.add_to(w)
         if imatrix is not None:
             add_imatrix_metadata(w, imatrix)
@@ -352,6 +353,30 @@ def export_gguf(
         seconds=time.perf_counter() - t0, type_counts=counts, notes=notes, n_params=model.n_params(),
         fallbacks=fallbacks,
     )
+
+
+def add_provenance(w: gguf.GGUFWriter, p) -> None:
+    """A recipe's provenance as the general.* keys llama.cpp's converter writes from a model card."""
+    if p is None:
+        return
+    if p.base_model:
+        org, _, base = p.base_model.rpartition("/")
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, base)
+        if org:
+            w.add_base_model_organization(0, org)
+        if p.url:
+            w.add_base_model_repo_url(0, p.url)
+    if p.url:
+        w.add_source_url(p.url)
+    if p.quantized_by:
+        w.add_quantized_by(p.quantized_by)
+    if p.license:
+        w.add_license(p.license)
+    if p.tags:
+        w.add_tags(list(p.tags))
+    if p.languages:
+        w.add_languages(list(p.languages))
 
 
 def write_header(w: gguf.GGUFWriter, infos: list[tuple[str, tuple[int, ...], Q]]) -> None:

@@ -137,8 +137,10 @@ class ImatrixReport:
 
 def make_imatrix(model: CanonicalModel, out: Path, *, calib: Path | None = None, nsamples: int = 16,
                  seqlen: int = 128, seed: int = 0, device: str = "cpu", force: bool = False,
-                 on_layer: Callable[[ImatrixLayerReport], None] | None = None) -> ImatrixReport:
-    """Compute the importance matrix of `model` on calibration text and write it (GGUF) to `out`."""
+                 on_layer: Callable[[ImatrixLayerReport], None] | None = None,
+                 dataset: str | None = None) -> ImatrixReport:
+    """Compute the importance matrix of `model` on calibration text and write it (GGUF) to `out`.
+    `dataset`: the name recorded in `imatrix.datasets` (default: the calibration file as given)."""
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"importance matrix output {out} must end in .gguf (llama.cpp's GGUF imatrix format)")
@@ -153,7 +155,8 @@ def make_imatrix(model: CanonicalModel, out: Path, *, calib: Path | None = None,
         if on_layer:
             on_layer(rep)
 
-    im = compute_imatrix(model, ids, device=device, dataset=str(calib) if calib else "built-in", on_layer=record)
+    im = compute_imatrix(model, ids, device=device, dataset=dataset or (str(calib) if calib else "built-in"),
+                         on_layer=record)
     seconds = time.perf_counter() - t0
     needed = sum(s.nbytes + 8 * len(s) + 256 for s in im.sums.values()) + 4096
     with output_transaction(out, force=force, sources=inputs, needed_bytes=needed) as tx:

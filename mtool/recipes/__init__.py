@@ -1,78 +1,65 @@
-"""Release recipes: a model family's chat template, special tokens and default artifacts.
+"""Release recipes: a model family's chat template, special tokens, provenance and artifacts.
 
-Built-in recipes are the YAML files beside this module (one per seed family); `--recipe`
-also takes a path to a YAML file of the same form:
+Built-in recipes are the YAML files beside this module (one per seed family); `--recipe` / `-r`
+also takes a path to a YAML file of the same form (the schema is `schema.py`):
 
     name: my-model
-    family: llama | mixtral | telechat
+    family: llama | mixtral | qwen2 | telechat
     description: free text
     eos_token: "<|im_end|>"          # optional: the token that ends generation
     chat_template: "{% ... %}"       # optional: Jinja template written into the artifacts
-    artifacts: [{to: gguf, outtype: q8_0, verify: {max_kld: 0.01}}]
+    provenance: {base_model: org/my-model, license: apache-2.0, languages: [zh, en], quantized_by: my-team}
+    calibration: {file: calib.txt, nsamples: 32, seqlen: 256}   # GPTQ/AWQ and the importance matrix
+    evaluation: {data: eval.txt, ctx: 512, max_windows: 8}      # the windows every artifact is verified on
+    ollama: {template: "{{ .Prompt }}", stop: ["</s>"]}          # a Modelfile beside each GGUF
+    artifacts:
+      - {name: q8_0, to: gguf, outtype: q8_0, verify: {max_kld: 0.01}}
+      - {name: q4_k_m, to: gguf, outtype: q4_k_m, imatrix: true}
+      - {name: gptq-4bit, to: gptq, bits: 4, group_size: 128}
+      - {name: hf, to: hf}
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from ..errors import InputError, MtoolError
+from ..errors import InputError
+from .schema import FAMILY_ALIASES, ArtifactSpec, Recipe, parse_recipe
 
-# adapter family names a recipe may name (telechat52b is a telechat)
-FAMILY_ALIASES = {"telechat52b": "telechat"}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    family: str
-    description: str = ""
-    eos_token: str | None = None
-    chat_template: str | None = None
-    artifacts: list[dict] = field(default_factory=list)
-
-    def check_family(self, family: str) -> None:
-        if FAMILY_ALIASES.get(family, family) != self.family:
-            raise MtoolError(f"recipe {self.name} is for {self.family} models, but the source is a {family} model")
-
+__all__ = ["ArtifactSpec", "Recipe", "builtin_names", "load_recipe", "check_chat_template", "FAMILY_ALIASES"]
 
 def builtin_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """A built-in recipe by name, or a YAML recipe file."""
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a YAML recipe file, validated (errors name the key at fault)."""
+    name_or_path = str(name_or_path)
     path = Path(name_or_path)
+    base_dir = None
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"recipe {path} cannot be read: {e}") from None
+        base_dir = path.resolve().parent
     elif name_or_path in builtin_names():
         text = resources.files(__name__).joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8")
+    elif path.suffix in (".yaml", ".yml"):
+        raise InputError(f"recipe file {path} not found")
     else:
-        raise MtoolError(f"unknown recipe {name_or_path!r} (built-in: {', '.join(builtin_names())}; or a .yaml file)")
+        raise InputError(f"unknown recipe {name_or_path!r} (built-in: {', '.join(builtin_names())}; or a .yaml file)")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise InputError(f"recipe {name_or_path}: invalid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"recipe {name_or_path} must be a mapping of fields, not {type(data).__name__}")
-    known = set(Recipe.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise MtoolError(f"recipe {name_or_path}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(known))})")
-    for key in ("name", "family"):
-        if not data.get(key):
-            raise InputError(f"recipe {name_or_path}: field '{key}' is required")
-    for key in ("name", "family", "description", "eos_token", "chat_template"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise InputError(f"recipe {name_or_path}: field '{key}' must be a string")
-    if not isinstance(data.get("artifacts", []), list):
-        raise InputError(f"recipe {name_or_path}: field 'artifacts' must be a list")
-    if data.get("chat_template"):
-        check_chat_template(data["chat_template"], f"recipe {name_or_path}: chat_template")
-    return Recipe(**data)
+    recipe = parse_recipe(data, f"recipe {name_or_path}", base_dir)
+    if recipe.chat_template:
+        check_chat_template(recipe.chat_template, f"recipe {name_or_path}: chat_template")
+    return recipe
 
 
 def check_chat_template(template: str, where: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +100,77 @@ def canonical_reference(model: CanonicalModel) -> Iterator[Path]:
         yield export_hf(model, Path(tmp) / "canonical", progress=False)
 
 
+@dataclass
+class Reference:
+    """The reference side of a verification, prepared once: the model (opened with its family's
+    checks), its tokenizer, the text and the token windows. Running it is `iter_logits`; a release
+    runs it once and compares every artifact with the cached logits."""
+
+    path: Path
+    model: CanonicalModel
+    tok: ReferenceTokenizer
+    text: str
+    windows: list[list[int]]
+    device: str = "auto"
+    mode: str = "auto"  # auto | whole | streamed
+    label: str = ""
+
+    @property
+    def streams(self) -> bool:
+        return streams(self.model, self.mode)
+
+    def iter_logits(self, on_layer: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+        """Logits of each window, in order (streamed: after one pass over the layers)."""
+        if self.streams:
+            runner = StreamedRunner(self.model, self.device)
+            self.label = runner.label
+            yield from runner.iter_logits(self.windows, on_layer=on_layer)
+            return
+        with canonical_reference(self.model) as ref_dir:
+            runner = HFRunner(ref_dir, self.device)  # loaded into memory: the temporary copy may go
+        self.label = runner.label
+        for w in self.windows:
+            yield runner.logits(w)
+
+    @property
+    def n_steps(self) -> int:
+        """Progress steps of a run: the layers (when streamed) and the windows."""
+        return len(self.windows) + (self.model.n_layers if self.streams else 0)
+
+
+def open_reference(ref: Path, *, data: Path | None = None, device: str = "auto", ctx: int = 512,
+                   max_windows: int = 8, reference: str = "auto", model: CanonicalModel | None = None) -> Reference:
+    """Check the reference and the text, and cut the windows every candidate is run on
+    (`model`: the reference already opened with load_canonical)."""
+    ref = Path(ref)
+    if ctx < 16:
+        raise VerifySetupError(f"--ctx {ctx} is too small; use at least 16 tokens per window")
+    if max_windows < 1:
+        raise VerifySetupError(f"--max-windows must be at least 1, got {max_windows}")
+    if not ref.is_dir():
+        raise InputError(f"reference {ref} must be a Hugging Face model directory")
+    if reference not in ("auto", "whole", "streamed"):
+        raise VerifySetupError(f"--reference must be auto, whole or streamed, not {reference!r}")
+    text = load_text(data)
+    if model is None:
+        model = load_canonical(ref)  # the family checks, with their clear errors, before any weight is read
+    tok = ReferenceTokenizer.open(ref)
+    n_ctx = int(model.config.get("max_position_embeddings", 2048))
+    ctx = min(ctx, n_ctx)
+    if ctx < 16:
+        raise VerifySetupError(f"the reference's context ({n_ctx} tokens) is too short to verify with")
+    ids = tok.encode(text)
+    bos = tok.bos_id if (ids and tok.bos_id is not None and ids[0] == tok.bos_id) else None
+    windows = token_windows(ids, ctx, max_windows, bos)
+    scored = sum(len(w) - 1 for w in windows)
+    if scored < MIN_SCORED_POSITIONS:
+        raise VerifySetupError(
+            f"only {scored} positions to score ({len(windows)} window(s) of up to {ctx} tokens from "
+            f"{data or 'the built-in text'}); need at least {MIN_SCORED_POSITIONS}: give more --data text, "
+            f"a larger --ctx or more --max-windows")
+    return Reference(ref, model, tok, text, windows, device, reference)
+
+
 def run_verify(
     ref: Path,
     cand: Path,
@@ -123,66 +194,56 @@ def run_verify(
 
     Errors (exit 2) are raised for what prevents a verdict: unreadable inputs, too little
     text, a reference that computes NaN. A candidate that computes NaN is a FAIL."""
-    ref, cand = Path(ref), Path(cand)
-    if ctx < 16:
-        raise VerifySetupError(f"--ctx {ctx} is too small; use at least 16 tokens per window")
-    if max_windows < 1:
-        raise VerifySetupError(f"--max-windows must be at least 1, got {max_windows}")
-    if not ref.is_dir():
-        raise InputError(f"reference {ref} must be a Hugging Face model directory")
+    if not Path(cand).exists():
+        raise InputError(f"candidate {cand} does not exist")
+    r = open_reference(ref, data=data, device=device, ctx=ctx, max_windows=max_windows, reference=reference)
+    return compare_candidate(r, r.iter_logits, cand, thresholds=thresholds, overrides=overrides,
+                             allow_token_mismatch=allow_token_mismatch, threads=threads, progress=progress)
+
+
+def compare_candidate(
+    r: Reference,
+    ref_logits: Callable[..., Iterator[np.ndarray]],
+    cand: Path,
+    *,
+    thresholds: Thresholds | None = None,
+    overrides: dict | None = None,
+    allow_token_mismatch: bool = False,
+    threads: int | None = None,
+    progress: bool = False,
+) -> VerifyReport:
+    """Run the candidate on the reference's windows and judge it against `ref_logits(on_layer=...)`:
+    the reference run itself, or its cached logits."""
+    cand = Path(cand)
     if not cand.exists():
         raise InputError(f"candidate {cand} does not exist")
-    if reference not in ("auto", "whole", "streamed"):
-        raise VerifySetupError(f"--reference must be auto, whole or streamed, not {reference!r}")
-    text = load_text(data)
-    model = load_canonical(ref)  # the family checks, with their clear errors, before any weight is read
-    if streams(model, reference):
-        ref_runner = StreamedRunner(model, device)
-        ref_tok = ReferenceTokenizer.open(ref)
-    else:
-        with canonical_reference(model) as ref_dir:
-            ref_runner = HFRunner(ref_dir, device)
-            ref_tok = ReferenceTokenizer.open(ref_dir)
-    ctx = min(ctx, ref_runner.n_ctx)
-    if ctx < 16:
-        raise VerifySetupError(f"the reference's context ({ref_runner.n_ctx} tokens) is too short to verify with")
-    ids = ref_tok.encode(text)
-    bos = ref_tok.bos_id if (ids and ref_tok.bos_id is not None and ids[0] == ref_tok.bos_id) else None
-    windows = token_windows(ids, ctx, max_windows, bos)
-    scored = sum(len(w) - 1 for w in windows)
-    if scored < MIN_SCORED_POSITIONS:
+    ctx = max(len(w) for w in r.windows)
+    cand_runner = open_candidate(cand, n_ctx=ctx, device=r.device, threads=threads, reference=r.mode)
+    if cand_runner.vocab_size != r.model.vocab_size:
         raise VerifySetupError(
-            f"only {scored} positions to score ({len(windows)} window(s) of up to {ctx} tokens from "
-            f"{data or 'the built-in text'}); need at least {MIN_SCORED_POSITIONS}: give more --data text, "
-            f"a larger --ctx or more --max-windows")
-    cand_runner = open_candidate(cand, n_ctx=ctx, device=device, threads=threads, reference=reference)
-    if cand_runner.vocab_size != ref_runner.vocab_size:
-        raise VerifySetupError(
-            f"vocab sizes differ: reference {ref_runner.vocab_size}, candidate {cand_runner.vocab_size}"
+            f"vocab sizes differ: reference {r.model.vocab_size}, candidate {cand_runner.vocab_size}"
         )
     acc = ParityAccumulator()
-    streamed = isinstance(ref_runner, StreamedRunner)
+    windows = r.windows
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(windows) + (model.n_layers if streamed else 0), desc="verify (layers, windows)",
-                   unit="step", leave=False)
-    ref_iter = (ref_runner.iter_logits(windows, on_layer=lambda i: bar and bar.update(1)) if streamed
-                else (ref_runner.logits(w) for w in windows))
+        bar = tqdm(total=r.n_steps, desc="verify (layers, windows)", unit="step", leave=False)
+    ref_iter = ref_logits(on_layer=lambda i: bar and bar.update(1))
     cand_iter = (cand_runner.iter_logits(windows) if isinstance(cand_runner, StreamedRunner)
                  else (cand_runner.logits(w) for w in windows))
-    for i, (w, ref_logits, cand_logits) in enumerate(zip(windows, ref_iter, cand_iter)):
-        if not np.isfinite(ref_logits).all():
-            raise VerifySetupError(f"the reference {ref} computes NaN/Inf logits (window {i}); "
+    for i, (w, rl, cl) in enumerate(zip(windows, ref_iter, cand_iter)):
+        if not np.isfinite(rl).all():
+            raise VerifySetupError(f"the reference {r.path} computes NaN/Inf logits (window {i}); "
                                    f"its weights or config are broken, so nothing can be verified against it")
-        acc.add(w, ref_logits, cand_logits)
+        acc.add(w, rl, cl)
         if bar:
             bar.update(1)
     if bar:
         bar.close()
     metrics = acc.result()
-    tokenization = compare_tokenization(ref_tok, text, cand, cand_runner)
+    tokenization = compare_tokenization(r.tok, r.text, cand, cand_runner)
     kind = _artifact_type(cand, cand_runner)
     th = (thresholds or defaults_for(kind)).as_dict()
     th.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -190,7 +251,7 @@ def run_verify(
     if tokenization.get("checked") and not tokenization["match"] and not allow_token_mismatch:
         failures.append("tokenization differs from the reference tokenizer")
     return VerifyReport(
-        str(ref), str(cand), ref_runner.label, cand_runner.label, kind, metrics, tokenization, th, failures
+        str(r.path), str(cand), r.label, cand_runner.label, kind, metrics, tokenization, th, failures
     )
 
 

@@ -1,0 +1,1 @@
+"""`mtool release`: build, plan and collect the verified artifacts of a recipe."""
