@@ -129,6 +129,8 @@ def cli(debug: bool) -> None:
       mtool inspect ./Yi-34B
       mtool convert ./Yi-34B -o yi-34b-q8_0.gguf --outtype q8_0
       mtool verify ./Yi-34B yi-34b-q8_0.gguf --json report.json   # exit 1 on failure
+    All artifacts of a model from one recipe, verified, checksummed and documented:
+      mtool release build ./Yi-34B -r sus-chat-34b -o release/
 
     \b
     Exit status: 0 success, 1 verification failed, 2 any other error (one line on stderr),

@@ -4,6 +4,7 @@ model card, provenance, incremental rebuilds and fan-out."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -364,3 +365,40 @@ def test_github_actions_example_uses_the_plan_it_gets(src, release):
     assert "mtool release collect parts/*" in " ".join(str(s.get("run", "")) for s in jobs["collect"]["steps"])
     shell = CliRunner().invoke(cli, ["release", "plan", str(src), "-r", str(release["recipe"]), "--format", "shell"])
     assert shell.output.splitlines()[0].endswith("--only imatrix")
+
+
+def test_interrupted_release_resumes_where_it_stopped(src, release, tmp_path, monkeypatch):
+    """Ctrl-C while the third artifact builds: exit 130, the first two are in the manifest; the next run
+    builds the rest only (and the reference, whose cache was complete, does not run again)."""
+    import mtool.release.build as rb
+
+    out = tmp_path / "out"
+    real = rb.build_artifact
+
+    def interrupt_at_gptq(model, spec, target, inputs):
+        if spec.name == "gptq-4bit":
+            raise KeyboardInterrupt
+        return real(model, spec, target, inputs)
+
+    monkeypatch.setattr(rb, "build_artifact", interrupt_at_gptq)
+    r = build(src, release["recipe"], out)
+    assert r.exit_code == 130, r.output + r.stderr
+    m = manifest(out)
+    assert [a["name"] for a in m["artifacts"]] == ["imatrix", "q8_0", "q4_k_m"] and not m["complete"]
+    assert not (out / "SHA256SUMS").exists()
+    monkeypatch.setattr(rb, "build_artifact", real)
+    js = tmp_path / "run.json"
+    r = build(src, release["recipe"], out, "--json", str(js))
+    assert r.exit_code == 0, r.output + r.stderr
+    actions = manifest(out)["run"]["actions"]
+    assert actions == {"imatrix": "reused", "q8_0": "reused", "q4_k_m": "reused", "gptq-4bit": "built", "hf": "built"}
+    assert manifest(out)["run"]["reference_runs"] == 0 and json.loads(js.read_text())["complete"]
+    assert comparable(manifest(out)) == comparable(manifest(release["out"]))
+
+
+def test_refuses_a_folder_that_is_not_a_release(src, release, tmp_path):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = build(src, release["recipe"], out)
+    assert r.exit_code == 2 and "no release in it" in r.stderr and sorted(os.listdir(out)) == ["notes.txt"]

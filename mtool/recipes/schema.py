@@ -312,6 +312,9 @@ def parse_recipe(data, where: str, base_dir: Path | None = None) -> Recipe:
         if any(b.name == a.name for b in arts):
             raise InputError(f"{where}: artifact name {a.name!r} is used twice (artifacts[{i}]); give each a unique name")
         arts.append(a)
+    o = nested.get("ollama")
+    if o is not None and any('"""' in (t or "") for t in (o.template, o.system)):
+        raise InputError(f'{where}: ollama.template and ollama.system cannot contain """ (the Modelfile quotes them so)')
     for key, lo in (("nsamples", 1), ("seqlen", 8)):
         if getattr(nested.get("calibration", Calibration()), key) < lo:
             raise InputError(f"{where}: calibration.{key} must be at least {lo}")

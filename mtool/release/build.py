@@ -160,6 +160,10 @@ class _Release:
             raise OutputError(f"output {self.out} lies inside the source {self.src}; choose another folder")
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"output {self.out} exists and is not a folder")
+        if (self.out.is_dir() and any(self.out.iterdir()) and not (self.out / "manifest.json").exists()
+                and not self.state.exists() and not o.force):
+            raise OutputError(f"output {self.out} is a folder with other files and no release in it; "
+                              f"choose an empty or new folder, or pass --force to build into it")
         self.out.mkdir(parents=True, exist_ok=True)
         with output_lock(self.out):
             return self._run_locked(model, specs, want_im, calib, data, t0)
