@@ -7,7 +7,6 @@ GPTQ dims that do not pack); `build_artifact` writes it atomically and says what
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,6 +167,3 @@ def output_files(out: Path, spec: ArtifactSpec) -> list[Path]:
         return shards or ([out] if out.exists() else [])
     return sorted(p for p in Path(out).rglob("*") if p.is_file()) if Path(out).is_dir() else []
 
-
-def replace_options(spec: ArtifactSpec, **changes) -> ArtifactSpec:
-    return dataclasses.replace(spec, options=dataclasses.replace(spec.options, **changes))
