@@ -2,7 +2,9 @@
 
 Generates bf16 Llama checkpoints (random weights, 3 shards, SentencePiece tokenizer trained
 on the fly) of two sizes, converts each to f16 and q8_0 with `mtool convert` and with
-llama.cpp's `convert_hf_to_gguf.py`, and prints wall time, input MB/s and peak RSS.
+llama.cpp's `convert_hf_to_gguf.py`, and prints wall time, input MB/s and peak RSS, beside the
+physical floor measured in the same run (read the input files, write the output's number of bytes
+sequentially with fsync), and each tool's time as a multiple of that floor.
 
 llama.cpp's converter is taken from the llama-cpp-python source distribution (downloaded
 into bench/out/, never committed); pass --no-llamacpp to skip it.
@@ -127,6 +129,32 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
     return wall, usage_peak, code, out
 
 
+def floor_seconds(src: Path, out_bytes: int, dst: Path) -> float:
+    """The physical floor of a conversion: read every input file once and write `out_bytes` sequentially
+    with fsync, in 16 MiB chunks, in this process (same page-cache state as the conversions, which read
+    the just-written model from the cache too)."""
+    chunk = 16 * 2**20
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = out_bytes
+        while left > 0:
+            left -= os.write(fd, view[: min(chunk, left)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    wall = time.perf_counter() - t0
+    dst.unlink()
+    return wall
+
+
 def repeat(n: int, cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
     """Median wall time, max peak RSS and worst exit code over n runs."""
     runs = [run_measured(cmd, env)[:3] for _ in range(n)]
@@ -152,20 +180,24 @@ def main() -> None:
         for outtype in args.outtypes.split(","):
             dst = OUT / f"mtool-{layers}L-{outtype}.gguf"
             wall, rss, code = repeat(args.repeat, mtool + [str(src), "-o", str(dst), "--outtype", outtype, "--force", "-q"])
-            rows.append(("mtool", layers, nbytes, outtype, wall, rss, code))
+            out_bytes = dst.stat().st_size if dst.is_file() else 0
+            floor = sorted(floor_seconds(src, out_bytes, OUT / "floor.bin") for _ in range(args.repeat))[args.repeat // 2]
+            rows.append(("floor: read input + write output, fsync", layers, nbytes, outtype, floor, 0, 0, floor))
+            rows.append(("mtool", layers, nbytes, outtype, wall, rss, code, floor))
             if conv is not None:
                 dst = OUT / f"llamacpp-{layers}L-{outtype}.gguf"
                 env = dict(os.environ, PYTHONPATH=str(conv.parent / "gguf-py"))
                 wall, rss, code = repeat(args.repeat, [sys.executable, str(conv), str(src), "--outfile", str(dst),
                                                        "--outtype", outtype], env)
-                rows.append(("llama.cpp convert_hf_to_gguf.py", layers, nbytes, outtype, wall, rss, code))
+                rows.append(("llama.cpp convert_hf_to_gguf.py", layers, nbytes, outtype, wall, rss, code, floor))
             for f in OUT.glob("*.gguf"):
                 f.unlink()
-    print(f"\n{'tool':<32} {'layers':>6} {'input MB':>9} {'outtype':>7} {'wall s':>7} {'MB/s':>6} {'peak RSS MB':>11}")
-    for tool, layers, nbytes, outtype, wall, rss, code in rows:
+    print(f"\n{'tool':<40} {'layers':>6} {'input MB':>9} {'outtype':>7} {'wall s':>7} {'MB/s':>6} {'x floor':>7} "
+          f"{'peak RSS MB':>11}")
+    for tool, layers, nbytes, outtype, wall, rss, code, floor in rows:
         status = "" if code == 0 else "  FAILED"
-        print(f"{tool:<32} {layers:>6} {nbytes / 1e6:>9.0f} {outtype:>7} {wall:>7.2f} {nbytes / 1e6 / wall:>6.0f} "
-              f"{rss / 1e6:>11.0f}{status}")
+        print(f"{tool:<40} {layers:>6} {nbytes / 1e6:>9.0f} {outtype:>7} {wall:>7.2f} {nbytes / 1e6 / wall:>6.0f} "
+              f"{wall / floor:>7.2f} {rss / 1e6 if rss else float('nan'):>11.0f}{status}")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,17 @@ def _leftovers(out: Path) -> list[str]:
 
 
 def _start(src, out, *extra, preexec=None):
+    def child_setup():
+        # a test runner started in the background (nohup, `cmd &` in a script) hands its children SIGINT
+        # ignored, and Python then installs no Ctrl-C handler: give the child the default disposition
+        # an interactive user's mtool has
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec:
+            preexec()
+
     return subprocess.Popen(MTOOL + ["convert", str(src), "-o", str(out), "--outtype", "q4_0", "-q", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            preexec_fn=preexec)
+                            preexec_fn=child_setup)
 
 
 def _wait_for_staging(proc, out, timeout=60.0, stop=True):
