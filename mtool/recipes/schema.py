@@ -196,21 +196,32 @@ def _check(value, tp, where: str, choices: tuple | None = None):
     return float(value) if tp is float else value
 
 
-def from_mapping(cls: type, data, where: str, *, extra_allowed: tuple[str, ...] = ()):
+def _nested_class(tp) -> type | None:
+    """The dataclass a field holds (also under `X | None`), or None for a scalar field."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else None
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def from_mapping(cls: type, data, where: str):
     """Validate the mapping `data` into dataclass `cls`: unknown keys, wrong types and values
-    outside `choices` are refused with one line naming the key."""
+    outside `choices` are refused with one line naming the key; a field that holds a dataclass
+    is validated the same way (its errors read `WHERE: key.subkey ...`). Fields marked
+    `internal` in their metadata are not keys a user may give."""
     if not isinstance(data, dict):
         raise InputError(f"{where} must be a mapping of keys, not {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            allowed = ", ".join([*fields, *extra_allowed])
-            raise InputError(f"{where}: unknown key {key!r} (allowed: {allowed})")
+            raise InputError(f"{where}: unknown key {key!r} (allowed: {', '.join(fields)})")
         if value is None and fields[key].default is not dataclasses.MISSING:
             continue  # `key:` with nothing after it keeps the default
-        kwargs[key] = _check(value, hints[key], f"{where}.{key}", fields[key].metadata.get("choices"))
+        nested = _nested_class(hints[key])
+        kwargs[key] = (from_mapping(nested, value, f"{where}: {key}") if nested else
+                       _check(value, hints[key], f"{where}.{key}", fields[key].metadata.get("choices")))
     for name, f in fields.items():
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in kwargs:
             raise InputError(f"{where}: key {name!r} is required")
@@ -259,8 +270,8 @@ class Recipe:
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     ollama: Ollama | None = None
-    artifacts: tuple[ArtifactSpec, ...] = ()
-    base_dir: Path | None = field(default=None, compare=False)
+    artifacts: tuple[ArtifactSpec, ...] = ()  # validated one by one by parse_artifact
+    base_dir: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
     def check_family(self, family: str) -> None:
         if FAMILY_ALIASES.get(family, family) != self.family:
@@ -292,16 +303,11 @@ class Recipe:
         return out
 
 
-_NESTED = {"provenance": Provenance, "calibration": Calibration, "evaluation": Evaluation, "ollama": Ollama}
-
-
 def parse_recipe(data, where: str, base_dir: Path | None = None) -> Recipe:
     """A recipe mapping (parsed YAML) validated into a Recipe."""
     if not isinstance(data, dict):
         raise InputError(f"{where} must be a mapping of keys, not {type(data).__name__}")
-    top = {k: v for k, v in data.items() if k not in (*_NESTED, "artifacts")}
-    flat = from_mapping(_Top, top, where, extra_allowed=(*_NESTED, "artifacts"))
-    nested = {k: from_mapping(cls, data[k], f"{where}: {k}") for k, cls in _NESTED.items() if data.get(k) is not None}
+    recipe = from_mapping(Recipe, {k: v for k, v in data.items() if k != "artifacts"}, where)
     raw = data.get("artifacts") or []
     if not isinstance(raw, list):
         raise InputError(f"{where}: artifacts must be a list")
@@ -312,24 +318,14 @@ def parse_recipe(data, where: str, base_dir: Path | None = None) -> Recipe:
         if any(b.name == a.name for b in arts):
             raise InputError(f"{where}: artifact name {a.name!r} is used twice (artifacts[{i}]); give each a unique name")
         arts.append(a)
-    o = nested.get("ollama")
+    o = recipe.ollama
     if o is not None and any('"""' in (t or "") for t in (o.template, o.system)):
         raise InputError(f'{where}: ollama.template and ollama.system cannot contain """ (the Modelfile quotes them so)')
     for key, lo in (("nsamples", 1), ("seqlen", 8)):
-        if getattr(nested.get("calibration", Calibration()), key) < lo:
+        if getattr(recipe.calibration, key) < lo:
             raise InputError(f"{where}: calibration.{key} must be at least {lo}")
     for key, lo in (("ctx", 16), ("max_windows", 1)):
-        if getattr(nested.get("evaluation", Evaluation()), key) < lo:
+        if getattr(recipe.evaluation, key) < lo:
             raise InputError(f"{where}: evaluation.{key} must be at least {lo}")
-    return Recipe(**dataclasses.asdict(flat), **nested, artifacts=tuple(arts), base_dir=base_dir)
+    return dataclasses.replace(recipe, artifacts=tuple(arts), base_dir=base_dir)
 
-
-@dataclass(frozen=True)
-class _Top:
-    """The recipe's scalar keys (the nested ones have their own classes)."""
-
-    name: str
-    family: str
-    description: str = ""
-    eos_token: str | None = None
-    chat_template: str | None = None
