@@ -56,22 +56,18 @@ class BuiltArtifact:
     detail: GGUFResult | QuantReport | None = None
 
     @property
-    def nbytes(self) -> int:
-        return sum(_size(f) for f in self.files)
-
-    @property
     def weight_bytes(self) -> int:
         """Bytes of the weight files (GGUF or safetensors), the numerator of bits per weight."""
-        paths = [f for p in self.files for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
-        return sum(f.stat().st_size for f in paths if f.suffix in (".gguf", ".safetensors"))
+        return sum(f.stat().st_size for f in _expand(self.files) if f.suffix in (".gguf", ".safetensors"))
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.weight_bytes / self.n_params if self.n_params else 0.0
 
 
-def _size(p: Path) -> int:
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+def _expand(paths: list[Path]) -> list[Path]:
+    """Files, with every directory among `paths` replaced by the files under it (sorted)."""
+    return [f for p in paths for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
 
 
 def artifact_path(out_dir: Path, prefix: str, spec: ArtifactSpec) -> Path:
@@ -79,11 +75,16 @@ def artifact_path(out_dir: Path, prefix: str, spec: ArtifactSpec) -> Path:
     return Path(out_dir) / (f"{prefix}-{spec.name}.gguf" if spec.to == "gguf" else f"{prefix}-{spec.name}")
 
 
-def mixture_options(o: GgufOptions, imatrix: ImportanceMatrix | None) -> MixtureOptions:
+def mixture_options(o: GgufOptions, imatrix: ImportanceMatrix | None, *, flags: bool = False) -> MixtureOptions:
+    """The K-/I-quant options of a GGUF artifact; errors name the recipe keys, or with `flags` the
+    command-line options (`--output-tensor-type`)."""
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else key
+
     return MixtureOptions(
         overrides=tuple(parse_tensor_type(t) for t in o.tensor_types),
-        output_type=parse_type(o.output_tensor_type, "output_tensor_type") if o.output_tensor_type else None,
-        token_embedding_type=(parse_type(o.token_embedding_type, "token_embedding_type")
+        output_type=parse_type(o.output_tensor_type, name("output_tensor_type")) if o.output_tensor_type else None,
+        token_embedding_type=(parse_type(o.token_embedding_type, name("token_embedding_type"))
                               if o.token_embedding_type else None),
         allow_fallback=not o.no_fallback, imatrix=imatrix)
 
@@ -165,5 +166,5 @@ def output_files(out: Path, spec: ArtifactSpec) -> list[Path]:
     if spec.to == "gguf":
         shards = shard_paths(out)
         return shards or ([out] if out.exists() else [])
-    return sorted(p for p in Path(out).rglob("*") if p.is_file()) if Path(out).is_dir() else []
+    return _expand([Path(out)]) if Path(out).is_dir() else []
 

@@ -202,14 +202,13 @@ def _mixture_options(fn):
 
 def _mixture(imatrix: Path | None, tensor_type: tuple[str, ...], output_tensor_type: str | None,
              token_embedding_type: str | None, no_fallback: bool):
+    from .artifacts import mixture_options
     from .convert.imatrix_file import read_imatrix
-    from .convert.quant_policy import MixtureOptions, parse_tensor_type, parse_type
+    from .recipes.schema import GgufOptions
 
-    return MixtureOptions(
-        overrides=tuple(parse_tensor_type(t) for t in tensor_type),
-        output_type=parse_type(output_tensor_type, "--output-tensor-type") if output_tensor_type else None,
-        token_embedding_type=parse_type(token_embedding_type, "--token-embedding-type") if token_embedding_type else None,
-        allow_fallback=not no_fallback, imatrix=read_imatrix(imatrix) if imatrix else None)
+    o = GgufOptions(tensor_types=tensor_type, output_tensor_type=output_tensor_type,
+                    token_embedding_type=token_embedding_type, no_fallback=no_fallback)
+    return mixture_options(o, read_imatrix(imatrix) if imatrix else None, flags=True)
 
 
 @cli.command()

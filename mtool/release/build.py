@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from tqdm import tqdm
+
 from ..artifacts import BuildInputs, artifact_path, build_artifact, check_artifact, output_files
 from ..convert.imatrix_file import read_imatrix
 from ..device import resolve_device
@@ -28,9 +30,8 @@ from ..outputs import output_lock, write_report
 from ..quantize.imatrix import make_imatrix
 from ..recipes.schema import IMATRIX_ARTIFACT, ArtifactSpec, Recipe
 from ..verify.refcache import CachedReference
-from ..verify.report import compare_candidate, judge, open_reference
-from ..verify.thresholds import defaults_for
-from .card import model_card, modelfile
+from ..verify.report import compare_candidate, open_reference, verdict
+from .card import human_size, model_card, modelfile
 from .fingerprint import digest, fingerprint_source, sha256_file
 from .manifest import SCHEMA, SCHEMA_VERSION, host_info, read_manifest, tool_versions, write_manifest, write_sums
 
@@ -71,7 +72,7 @@ class ReleaseResult:
         for a in self.manifest["artifacts"]:
             m = (a.get("verify") or {}).get("metrics") or {}
             secs = (a.get("build_seconds") or 0) + ((a.get("verify") or {}).get("seconds") or 0)
-            rows.append((a["name"], _size(a["size"]), f"{a['bits_per_weight']:.2f}" if a["bits_per_weight"] else "-",
+            rows.append((a["name"], human_size(a["size"]), f"{a['bits_per_weight']:.2f}" if a["bits_per_weight"] else "-",
                          f"{m['ppl_ratio']:.4f}" if m.get("ppl_ratio") is not None else "-",
                          f"{m['kld_mean']:.2e}" if m.get("kld_mean") is not None else "-",
                          f"{100 * m['top1_agreement']:.1f} %" if m.get("top1_agreement") is not None else "-",
@@ -79,10 +80,6 @@ class ReleaseResult:
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _file_entry(out: Path, path: Path) -> dict:
@@ -186,12 +183,13 @@ class _Release:
         ev = {"data": r.evaluation.data, "data_sha256": sha256_file(data) if data else None,
               "ctx": r.evaluation.ctx, "max_windows": r.evaluation.max_windows}
         eval_key = digest({**base, **ev})
-        common = {**base, "recipe": {k: v for k, v in r.as_dict().items()
+        resolved = r.as_dict()
+        common = {**base, "recipe": {k: v for k, v in resolved.items()
                                      if k in ("name", "chat_template", "eos_token", "provenance", "ollama")}}
         self.manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": False,
             **({"only": list(o.only)} if o.only else {}),
-            "recipe": r.as_dict(), "recipe_digest": digest(r.as_dict()), "source": source,
+            "recipe": resolved, "recipe_digest": digest(resolved), "source": source,
             "calibration": cal, "evaluation": {**ev, "key": eval_key}, "tools": tools, "artifacts": [],
             "run": {"host": host_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device},
         }
@@ -276,13 +274,15 @@ class _Release:
                 "missing or corrupted" if old else "new"
             self.say(f"{a.name}: building {a.label()} ({why})")
             target = artifact_path(self.out, r.name, a)
+            bar = None
+            if a.calibrated and o.progress:
+                bar = tqdm(total=model.n_layers, desc="layers", unit="layer", leave=False)
             built = build_artifact(model, a, target, BuildInputs(
                 recipe=r, calib=calib, nsamples=r.calibration.nsamples, seqlen=r.calibration.seqlen, device=device,
                 imatrix=im, gguf_name=r.name, force=True, progress=o.progress,
-                on_layer=self._layer_bar(model) if a.calibrated else None))
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
+                on_layer=(lambda rep: bar.update(1)) if bar else None))
+            if bar:
+                bar.close()
             files = output_files(target, a)
             if a.to == "gguf" and r.ollama is not None:
                 mf = target.with_suffix(".Modelfile")
@@ -295,9 +295,9 @@ class _Release:
                 if f["path"].startswith(FAILED_DIR + "/"):
                     top = stale / PurePosixPath(f["path"]).parts[1]
                     shutil.rmtree(top, ignore_errors=True) if top.is_dir() else top.unlink(missing_ok=True)
+            entries = [_file_entry(self.out, f) for f in files]
             entry = {"name": a.name, "to": a.to, "label": a.label(), "settings": a.settings(), "status": "built",
-                     "build_key": key, "files": [_file_entry(self.out, f) for f in files],
-                     "size": built.nbytes + sum(f.stat().st_size for f in files if f.suffix == ".Modelfile"),
+                     "build_key": key, "files": entries, "size": sum(f["size"] for f in entries),
                      "n_params": built.n_params, "bits_per_weight": round(built.bits_per_weight, 4),
                      "type_counts": dict(sorted(built.type_counts.items())), "fallbacks": built.fallbacks,
                      "inputs": {"imatrix_sha256": im_sha} if im_sha else {},
@@ -306,16 +306,6 @@ class _Release:
             self._verify(a, entry, eval_key)
         self.entries[a.name] = entry
         self._save()
-
-    _bar = None
-
-    def _layer_bar(self, model):
-        if not self.opts.progress:
-            return None
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=model.n_layers, desc="layers", unit="layer", leave=False)
-        return lambda rep: self._bar.update(1)
 
     def _verify(self, a: ArtifactSpec, entry: dict, eval_key: str) -> None:
         """Compare the artifact with the cached reference logits and record the verdict."""
@@ -339,10 +329,10 @@ class _Release:
     def _judge(self, a: ArtifactSpec, entry: dict) -> None:
         """The verdict against the recipe's current thresholds (changed thresholds need no new run)."""
         v = entry["verify"]
-        th = {**defaults_for(v["artifact_type"]).as_dict(), **a.verify.overrides()}
-        failures = judge(v["metrics"], th) + (["tokenization differs from the reference tokenizer"]
-                                             if v.get("tokenization_failed") else [])
-        v["thresholds"], v["failures"] = th, failures
+        v["thresholds"], v["failures"] = verdict(v["metrics"], v["artifact_type"],
+                                                 {"checked": True, "match": not v["tokenization_failed"]},
+                                                 overrides=a.verify.overrides())
+        failures = v["failures"]
         status = "failed" if failures else "passed"
         was_failed = entry["status"] == "failed"
         if status == "failed" and not was_failed:

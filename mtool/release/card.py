@@ -49,7 +49,7 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
@@ -80,7 +80,7 @@ def model_card(manifest: dict, recipe: Recipe) -> str:
     for a in published:
         m = (a.get("verify") or {}).get("metrics") or {}
         top1 = m.get("top1_agreement")
-        out.append(f"| {a['name']} | {a['label']} | {_files(a)} | {_size(a['size'])} | {a['bits_per_weight']:.2f} | "
+        out.append(f"| {a['name']} | {a['label']} | {_files(a)} | {human_size(a['size'])} | {a['bits_per_weight']:.2f} | "
                    f"{_fmt(m.get('ppl_ratio'), '.4f')} | {_fmt(m.get('kld_mean'), '.2e')} | "
                    f"{'-' if top1 is None else f'{100 * top1:.1f} %'} | {a['status'].upper()} |")
     failed = [a["name"] for a in arts if a["status"] == "failed"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..outputs import fsync_path
+from ..outputs import fsync_path, write_report
 from .report import Reference
 
 
@@ -56,7 +56,7 @@ class CachedReference:
         fsync_path(tmp)
         os.replace(tmp, self.path)
         meta = {"lengths": [len(w) for w in r.windows], "label": r.label, "complete": True}
-        self.meta_path.write_text(json.dumps(meta))
+        write_report(self.meta_path, json.dumps(meta))
 
     def iter_logits(self, on_layer: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
         """The stored logits, one window at a time (computed first if not stored yet)."""

@@ -245,14 +245,23 @@ def compare_candidate(
     metrics = acc.result()
     tokenization = compare_tokenization(r.tok, r.text, cand, cand_runner)
     kind = _artifact_type(cand, cand_runner)
+    th, failures = verdict(metrics, kind, tokenization, thresholds=thresholds, overrides=overrides,
+                           allow_token_mismatch=allow_token_mismatch)
+    return VerifyReport(
+        str(r.path), str(cand), r.label, cand_runner.label, kind, metrics, tokenization, th, failures
+    )
+
+
+def verdict(metrics: dict, kind: str, tokenization: dict, *, thresholds: Thresholds | None = None,
+            overrides: dict | None = None, allow_token_mismatch: bool = False) -> tuple[dict, list[str]]:
+    """The thresholds that apply to an artifact of type `kind` (its defaults, or `thresholds`, with
+    `overrides`) and the failure reasons of `metrics` and `tokenization` against them."""
     th = (thresholds or defaults_for(kind)).as_dict()
     th.update({k: v for k, v in (overrides or {}).items() if v is not None})
     failures = judge(metrics, th)
     if tokenization.get("checked") and not tokenization["match"] and not allow_token_mismatch:
         failures.append("tokenization differs from the reference tokenizer")
-    return VerifyReport(
-        str(r.path), str(cand), r.label, cand_runner.label, kind, metrics, tokenization, th, failures
-    )
+    return th, failures
 
 
 def judge(metrics: dict, th: dict) -> list[str]:
