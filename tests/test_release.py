@@ -402,3 +402,35 @@ def test_refuses_a_folder_that_is_not_a_release(src, release, tmp_path):
     (out / "notes.txt").write_text("mine")
     r = build(src, release["recipe"], out)
     assert r.exit_code == 2 and "no release in it" in r.stderr and sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_release_input_errors_one_line_exit_2(src, release, tmp_path):
+    """The refusals of release build and collect: one `error:` line naming the file or option, exit 2,
+    nothing written."""
+    def one_line(r, needle):
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+    no_calib = {**json.loads(json.dumps(RECIPE)), "calibration": {"file": "missing.txt"}}
+    out = tmp_path / "o1"
+    one_line(build(src, write_recipe(tmp_path / "a", no_calib), out), "calibration.file")
+    one_line(build(src, release["recipe"], out, "--imatrix", str(tmp_path / "none.gguf")), "--imatrix")
+    empty = {"name": "e", "family": "llama"}
+    one_line(build(src, write_recipe(tmp_path / "b", empty), out), "lists no artifacts")
+    assert not out.exists()
+    inside = src / "release"
+    one_line(build(src, release["recipe"], inside), "inside the source")
+    assert not inside.exists()
+    # collect: a part whose file no longer matches its manifest, and a non-empty destination
+    part = tmp_path / "part"
+    shutil.copytree(release["out"], part)
+    (part / "my-model-q8_0.Modelfile").write_text("FROM elsewhere\n")
+    dest = tmp_path / "dest"
+    r = CliRunner().invoke(cli, ["release", "collect", str(part), "-o", str(dest)])
+    one_line(r, "do not match their sha256")
+    assert not dest.exists()
+    dest.mkdir()
+    (dest / "x").write_text("x")
+    r = CliRunner().invoke(cli, ["release", "collect", str(release["out"]), "-o", str(dest)])
+    one_line(r, "not empty")
+    assert sorted(os.listdir(dest)) == ["x"]

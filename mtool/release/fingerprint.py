@@ -60,8 +60,8 @@ def fingerprint_source(src: Path, known: dict | None = None, progress: bool = Fa
         table[rel] = [st.st_size, st.st_mtime_ns, sha256_file(p, bar.update if bar else None)]
     if bar:
         bar.close()
-    entries = [{"path": p.relative_to(src).as_posix(), "size": table[p.relative_to(src).as_posix()][0],
-                "sha256": table[p.relative_to(src).as_posix()][2]} for p in files]
+    rels = [p.relative_to(src).as_posix() for p in files]
+    entries = [{"path": rel, "size": table[rel][0], "sha256": table[rel][2]} for rel in rels]
     config = next((e["sha256"] for e in entries if e["path"] == "config.json"), None)
     record = {"path": str(src), "files": entries, "config_sha256": config,
               "digest": digest([[e["path"], e["size"], e["sha256"]] for e in entries])}
