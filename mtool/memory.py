@@ -28,3 +28,20 @@ def return_freed_memory_promptly(threshold: int = 16 << 20) -> bool:
         return bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def available_bytes(device: str = "cpu") -> int:
+    """Memory that can still be allocated without swapping: MemAvailable of /proc/meminfo (Linux;
+    elsewhere 4 GiB is assumed), or the free memory of the CUDA device."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30

@@ -5,7 +5,8 @@ the calibration windows are embedded, then for each layer its weights are loaded
 canonical model into the decoder-layer class its `ArchSpec` names, statistics are collected
 with hooks, its linears are quantized (GPTQ: one true-sequential group of the spec at a time,
 each seeing its quantized predecessors; AWQ: the spec's smoothing mappings, clip search, then
-the grid), and the quantized layer produces the next layer's inputs.
+the grid), and the quantized layer produces the next layer's inputs. GPTQ's passes over one layer
+reuse the outputs of the modules already finished (`OutputMemo`), so each linear runs once.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..convert.hf_export import hf_config
 from ..errors import MtoolError
+from ..memory import available_bytes
 from ..model import experts
 from ..model.canonical import CanonicalModel
 from ..numerics import check_finite
@@ -35,6 +38,9 @@ class QuantSettings:
     damp: float = 0.01
     batch: int = 8  # calibration windows per forward
     device: str = "cpu"
+    # bytes of finished modules' outputs kept to skip recomputing them in the layer's later passes;
+    # None: a third of the memory available when the layer starts (0 turns the reuse off)
+    memo_bytes: int | None = None
 
 
 @dataclass
@@ -75,14 +81,24 @@ class LayerRunner:
         rot = transformers_class(model, model.spec.rotary)(self.config).to(dev)
         pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
         self.pos = rot(self.x[:1], pos)
+        self.memo = OutputMemo(torch.nn.Module(), [], 0)
 
     def layer(self, i: int):
-        return build_layer(self.model, self.config, self.by_name, i, self.s.device)
+        """Decoder layer i, with a fresh memo of its finished modules' outputs."""
+        layer = build_layer(self.model, self.config, self.by_name, i, self.s.device)
+        budget = self.s.memo_bytes if self.s.memo_bytes is not None else available_bytes(self.s.device) // 3
+        self.memo = OutputMemo(layer, expand(self.model.spec.linears, self.model.n_experts), budget)
+        return layer
+
+    def _batches(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        for k, b in enumerate(range(0, x.shape[0], self.s.batch)):
+            self.memo.batch = k
+            yield x[b : b + self.s.batch]
 
     @torch.no_grad()
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        outs = [layer(x[b : b + self.s.batch], position_embeddings=self.pos, attention_mask=None)
-                for b in range(0, x.shape[0], self.s.batch)]
+        with self.memo.pass_():
+            outs = [layer(xb, position_embeddings=self.pos, attention_mask=None) for xb in self._batches(x)]
         return torch.cat([_first(o) for o in outs])
 
     @torch.no_grad()
@@ -99,14 +115,100 @@ class LayerRunner:
 
         hooks = [mods[n].register_forward_pre_hook(lambda m, args, n=n: pre_hook(m, args, n)) for n in names]
         try:
-            for b in range(0, x.shape[0], self.s.batch):
-                try:
-                    layer(x[b : b + self.s.batch], position_embeddings=self.pos, attention_mask=None)
-                except _StopForward:
-                    pass
+            with self.memo.pass_():
+                for xb in self._batches(x):
+                    try:
+                        layer(xb, position_embeddings=self.pos, attention_mask=None)
+                    except _StopForward:
+                        pass
         finally:
             for h in hooks:
                 h.remove()
+
+
+class OutputMemo:
+    """Outputs of a layer's finished modules, so GPTQ's passes over one layer compute each linear once.
+
+    True-sequential GPTQ runs the layer once per group of linears (each group must see its quantized
+    predecessors) and once more for the next layer's input: q/k/v ran four times, gate/up twice. A
+    module whose quantized linears are all done (and, the groups being in forward order, whose input
+    is final too) computes the same thing in every later pass, so its output is recorded per batch in
+    the first pass that runs it whole and returned by later passes instead of recomputing it. The
+    largest finished modules are kept (self_attn, once o_proj is done, replaces q/k/v), within a byte
+    budget; a module that does not fit is recomputed as before. Replay returns the very tensors a
+    recomputation would give (same batches, same weights), so results do not depend on the budget.
+    """
+
+    def __init__(self, layer, linears: list[str], budget: int):
+        self.mods = {n: m for n, m in layer.named_modules() if n}
+        self.linears, self.budget = linears, budget
+        self.done: set[str] = set()
+        self.outs: dict[str, dict[int, object]] = {}
+        self.too_big: set[str] = set()
+        self.batch = 0
+
+    def finish(self, names) -> None:
+        """These linears hold their final (quantized) weights from now on."""
+        self.done.update(names)
+
+    def _finished(self) -> list[str]:
+        """Modules all of whose quantized linears are done."""
+        def finished(n: str) -> bool:
+            under = [q for q in self.linears if q == n or q.startswith(n + ".")]
+            return bool(under) and all(q in self.done for q in under)
+
+        return [n for n in self.mods if finished(n) and n not in self.too_big]
+
+    def clear(self) -> None:
+        self.outs.clear()
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(o) for v in self.outs.values() for o in v.values())
+
+    @contextmanager
+    def pass_(self) -> Iterator[None]:
+        """One pass over the batches: replay what was recorded, record what has just finished."""
+        def inside(n: str, among) -> bool:
+            return any(n.startswith(a + ".") for a in among)
+
+        fin = self._finished()
+        replay = [n for n in fin if n in self.outs and not inside(n, self.outs)]
+        cand = [n for n in fin if n not in self.outs and not inside(n, self.outs)]
+        # the last pass (every linear done) records nothing: no pass comes after it
+        recording = [] if self.done >= set(self.linears) else [n for n in cand if not inside(n, cand)]
+        saved = {n: self.mods[n].forward for n in replay}
+        for n in saved:
+            self.mods[n].forward = lambda *a, n=n, **k: self.outs[n][self.batch]
+        fresh: dict[str, dict[int, object]] = {n: {} for n in recording}
+        used = self.nbytes()
+
+        def record(module, args, out, n):
+            nonlocal used
+            if n in fresh:
+                used += _nbytes(out)
+                if used > self.budget:
+                    used -= sum(_nbytes(o) for o in fresh.pop(n).values()) + _nbytes(out)
+                    self.too_big.add(n)
+                else:
+                    fresh[n][self.batch] = out
+
+        hooks = [self.mods[n].register_forward_hook(lambda m, a, o, n=n: record(m, a, o, n)) for n in recording]
+        complete = False
+        try:
+            yield
+            complete = True
+        finally:
+            for h in hooks:
+                h.remove()
+            for n in saved:
+                del self.mods[n].forward  # back to the class's forward
+        if complete:
+            batches = 1 + self.batch
+            for n, v in fresh.items():
+                if len(v) == batches:
+                    self.outs[n] = v
+                    for d in [d for d in self.outs if d.startswith(n + ".")]:
+                        del self.outs[d]  # the enclosing module replaces its parts
 
 
 def build_layer(model: CanonicalModel, config, by_name: dict, i: int, device: str):
@@ -129,6 +231,12 @@ class _StopForward(Exception):
 
 def _first(o):
     return o[0] if isinstance(o, tuple) else o
+
+
+def _nbytes(o) -> int:
+    if isinstance(o, torch.Tensor):
+        return o.nelement() * o.element_size()
+    return sum(_nbytes(v) for v in o) if isinstance(o, (tuple, list)) else 0
 
 
 def checked(t) -> torch.Tensor:
@@ -238,6 +346,7 @@ def quantize_layer_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSet
         if "*" in group[0]:  # the expert groups: quantized together, expert by expert
             if runner.expert_tokens is None:
                 runner.expert_tokens = quantize_moe_gptq(runner, layer, x, s, results, errors)
+            runner.memo.finish(expand(group, runner.model.n_experts))
             continue
         # the linears of a group read the same input (q/k/v: the normed hidden state; gate/up likewise),
         # so one Hessian serves the group: the x^T x products dominate the time on long calibration sets
@@ -245,6 +354,7 @@ def quantize_layer_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSet
         runner.capture(layer, group[:1], x, lambda n, inp: shared.add(inp))
         for n in group:
             _quantize_into(layer, n, shared, s, runner.config.intermediate_size, results, errors)
+        runner.memo.finish(group)
     return results, errors
 
 
@@ -411,5 +521,6 @@ def iter_quantized_layers(model: CanonicalModel, ids: torch.Tensor,
         runner.expert_tokens = runner.stat_tokens = None
         results, errors = fn(runner, layer, x, settings)
         x = runner.forward(layer, x)  # the quantized layer feeds the next
+        runner.memo.clear()
         yield i, layer, results, LayerReport(i, time.perf_counter() - t0, errors, runner.expert_tokens, runner.stat_tokens)
         del layer

@@ -74,7 +74,13 @@ def _result(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_id
 
 
 class Hessian:
-    """Running H = 2/n sum x x^T of a linear's inputs, in float32 (or float64 where asked)."""
+    """Running H = 2/n sum x x^T of a linear's inputs, in float32 (or float64 where asked).
+
+    x^T x is symmetric, so only the block rows of its upper triangle are multiplied (a hand-made
+    SYRK: torch exposes none) and mirrored: ~40 % fewer flops on the wide inputs where the
+    products dominate GPTQ's time (down_proj's 3-4x hidden columns)."""
+
+    BLOCK = 512
 
     def __init__(self, columns: int, device: str | torch.device = "cpu"):
         self.h = torch.zeros(columns, columns, dtype=torch.float32, device=device)
@@ -86,7 +92,20 @@ class Hessian:
         self.h *= self.n / (self.n + m)
         self.n += m
         x = x * (2 / self.n) ** 0.5
-        self.h += x.t() @ x
+        self.h += _gram(x, self.BLOCK)
+
+
+def _gram(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x^T x from the upper triangle's block rows."""
+    c = x.shape[1]
+    if c <= 2 * block:
+        return x.t() @ x
+    g = torch.empty(c, c, dtype=x.dtype, device=x.device)
+    for i in range(0, c, block):
+        j = min(i + block, c)
+        g[i:j, i:] = x[:, i:j].t() @ x[:, i:]
+        g[j:, i:j] = g[i:j, j:].t()
+    return g
 
 
 def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym: bool, *, desc_act: bool = False,
@@ -117,6 +136,7 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
     if Hinv is None:
         raise MtoolError("GPTQ: the Hessian could not be factorized even with damping 1.0 (non-finite activations?)")
     gs = in_f if group_size == -1 else group_size
+    maxq = 2**bits - 1
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     scales, zeros, gidx_perm = [], [], torch.zeros(in_f, dtype=torch.int64, device=W.device)
@@ -127,6 +147,8 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        # the column loop is the algorithm's sequential core: few, in-place ops per column (the
+        # rank-1 update as one addr_), codes and loss gathered per block
         for i in range(i2 - i1):
             col = i1 + i
             if col % gs == 0:
@@ -136,16 +158,15 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
                 scales.append(s)
                 zeros.append(z)
             w = W1[:, i]
-            d = Hinv1[i, i]
-            q = quantize_codes(w.unsqueeze(1), s, z, bits).flatten()
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             codes[:, col] = q
             deq = (q - z) * s
             Q[:, col] = deq
             gidx_perm[col] = len(scales) - 1
-            err = (w - deq) / d
-            loss += (w - deq) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
+        loss += Err1.pow(2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     codes, g_idx = codes[:, inv], gidx_perm[inv]

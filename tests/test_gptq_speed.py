@@ -1,0 +1,138 @@
+"""GPTQ's speed-ups change no result: the output memo (each linear computed once per layer), the
+symmetric Hessian products, and the column loop against the paper's unblocked algorithm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtool.model.families import load_canonical
+from mtool.quantize import engine
+from mtool.quantize.calib import calibration_ids
+from mtool.quantize.engine import QuantSettings, iter_quantized_layers
+from mtool.quantize.gptq import Hessian, _gram, gptq, grid
+
+
+def _run(model_dir, monkeypatch, memo_bytes):
+    """Quantize every layer; returns the results, the layer outputs and, per layer, how often each
+    nn.Linear computed (counted in the class's forward: a replayed module's never runs, while its
+    hooks would still fire)."""
+    model = load_canonical(model_dir)
+    ids = calibration_ids(model.tokenizer_dir, None, 6, 32)
+    calls: list[dict[str, int]] = []
+    names: dict[int, str] = {}
+    build, linear_forward = engine.build_layer, torch.nn.Linear.forward
+
+    def counting_build(*a, **k):
+        layer = build(*a, **k)
+        calls.append({})
+        names.update({id(m): n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
+        return layer
+
+    def counting_forward(self, x):
+        n = names[id(self)]
+        calls[-1][n] = calls[-1].get(n, 0) + 1
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(engine, "build_layer", counting_build)
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting_forward)
+    outs = []
+    s = QuantSettings("gptq", bits=4, group_size=32, batch=2, memo_bytes=memo_bytes)
+    forward = engine.LayerRunner.forward
+
+    def keep_output(self, layer, x):
+        y = forward(self, layer, x)
+        outs.append(y.clone())
+        return y
+
+    monkeypatch.setattr(engine.LayerRunner, "forward", keep_output)
+    results = [{n: r.codes.clone() for n, r in res.items()} for _, _, res, _ in iter_quantized_layers(model, ids, s)]
+    monkeypatch.undo()
+    return results, outs, calls
+
+
+@pytest.mark.parametrize("which", ["gqa", "moe"])
+def test_memo_changes_no_result_and_computes_each_linear_once(which, gqa_model, mixtral_model, monkeypatch):
+    src = gqa_model if which == "gqa" else mixtral_model
+    plain, plain_out, plain_calls = _run(src, monkeypatch, memo_bytes=0)
+    fast, fast_out, fast_calls = _run(src, monkeypatch, memo_bytes=None)
+    assert len(plain) == len(fast) >= 2
+    for a, b in zip(plain, fast):
+        assert a.keys() == b.keys()
+        for n in a:
+            assert torch.equal(a[n], b[n]), n  # the very same codes
+    for a, b in zip(plain_out, fast_out):
+        assert torch.equal(a, b)  # and the very same activations for the next layer
+    batches = 3  # 6 windows, 2 per forward
+    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    for seen in fast_calls:
+        for n in attn:
+            assert seen[n] == batches, (n, seen)  # once per batch, not once per true-sequential pass
+        if which == "gqa":
+            for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                assert seen[n] == batches, (n, seen)
+    for seen in plain_calls:
+        if which == "gqa":  # without the memo q/k/v ran in the o, gate/up, down and final passes
+            assert seen["self_attn.q_proj"] == 4 * batches and seen["mlp.gate_proj"] == 2 * batches
+        else:  # in the o pass, the one that captures the experts' input, and the final one
+            assert seen["self_attn.q_proj"] == 3 * batches
+
+
+def test_memo_budget_is_respected(gqa_model, monkeypatch):
+    """A budget that holds the attention outputs but not gate/up's: the big ones are recomputed."""
+    model = load_canonical(gqa_model)
+    ids = calibration_ids(model.tokenizer_dir, None, 6, 32)
+    kept: list[int] = []
+    finish = engine.OutputMemo.finish
+
+    def watch(self, names):
+        kept.append(self.nbytes())
+        finish(self, names)
+
+    monkeypatch.setattr(engine.OutputMemo, "finish", watch)
+    hidden = model.config["hidden_size"]
+    budget = 6 * 32 * hidden * 4 + 1024  # self_attn's output for all windows (float32) and a little
+    s = QuantSettings("gptq", bits=4, group_size=32, batch=2, memo_bytes=budget)
+    for *_, rep in iter_quantized_layers(model, ids, s):
+        pass
+    assert max(kept) <= budget and max(kept) > 0
+
+
+@pytest.mark.parametrize("columns", [64, 1100, 1536])
+def test_symmetric_gram_equals_the_full_product(columns):
+    x = torch.randn(300, columns, generator=torch.Generator().manual_seed(columns))
+    g = _gram(x, 256)
+    assert torch.equal(g, g.t())
+    torch.testing.assert_close(g, x.t() @ x, rtol=1e-5, atol=1e-3)
+
+
+def _paper_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, damp: float) -> torch.Tensor:
+    """Algorithm 1 of Frantar et al. without the lazy blocks, one column at a time, written out
+    here independently of mtool.quantize.gptq (only the min/max grid is shared)."""
+    W, n = w.clone(), w.shape[1]
+    Hd = h + damp * h.diag().mean() * torch.eye(n)
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    Q = torch.zeros_like(W)
+    for j in range(n):
+        if j % gs == 0:
+            s, z = grid(W[:, j : j + gs], bits, True)
+        q = torch.clamp(torch.round(W[:, j] / s) + z, 0, 2**bits - 1)
+        Q[:, j] = (q - z) * s
+        err = (W[:, j] - Q[:, j]) / Hinv[j, j]
+        W[:, j:] -= err.unsqueeze(1) * Hinv[j, j:].unsqueeze(0)
+    return Q
+
+
+def test_gptq_is_the_papers_algorithm():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 320, generator=g)
+    x = torch.randn(2000, 320, generator=g) @ torch.randn(320, 320, generator=g)  # correlated inputs
+    h = Hessian(320)
+    h.add(x)
+    ours, _ = gptq(w, h, 4, 64, True, damp=0.01)
+    ref = _paper_gptq(w, h.h, 4, 64, 0.01)
+    same = (ours.dequant - ref).abs() < 1e-4
+    assert same.float().mean() > 0.995  # float rounding may flip a handful of near-ties
+    err_ours = float(((x @ (w - ours.dequant).t()) ** 2).mean())
+    err_ref = float(((x @ (w - ref).t()) ** 2).mean())
+    assert err_ours == pytest.approx(err_ref, rel=0.02)
