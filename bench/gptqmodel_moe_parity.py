@@ -108,7 +108,7 @@ def main() -> None:
         forced.extend(mine)
         held = model(ids).logits
     print(f"GPTQModel kernel on CPU: {t['kernel']}; {len(t['weights'])} quantized modules")
-    print(f"| comparison with mtool's dequantizer (f32) | mean KLD |\n|---|---|")
+    print("| comparison with mtool's dequantizer (f32) | mean KLD |\n|---|---|")
     print(f"| GPTQModel's loader, logits | {kld(exact, t['logits']):.2e} |")
     print(f"| GPTQModel's effective weights in mtool's f32 model, free routing | {kld(exact, free):.2e} |")
     print(f"| the same, routing held at mtool's choices | {kld(exact, held):.2e} |")
