@@ -136,3 +136,34 @@ def test_gptq_is_the_papers_algorithm():
     err_ours = float(((x @ (w - ours.dequant).t()) ** 2).mean())
     err_ref = float(((x @ (w - ref).t()) ** 2).mean())
     assert err_ours == pytest.approx(err_ref, rel=0.02)
+
+
+def test_memo_never_replays_a_module_called_twice_per_forward():
+    """A module used twice in one forward (with different inputs) is not recorded: replaying one
+    output per batch would hand the second call the first call's result."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+            self.last = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            a = self.inner(x)
+            return self.last(a + self.inner(a))
+
+    torch.manual_seed(0)
+    m = Twice()
+    memo = engine.OutputMemo(m, ["inner", "last"], budget=1 << 30)
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    memo.finish(["inner"])
+    for _ in range(2):  # the pass that would record, then one that would replay
+        with memo.pass_():
+            outs = []
+            for k, x in enumerate(xs):
+                memo.batch = k
+                outs.append(m(x))
+        for x, y in zip(xs, outs):
+            a = m.inner(x)
+            torch.testing.assert_close(y, m.last(a + m.inner(a)))
+    assert "inner" in memo.too_big and not memo.outs

@@ -186,7 +186,9 @@ class OutputMemo:
             nonlocal used
             if n in fresh:
                 used += _nbytes(out)
-                if used > self.budget:
+                # over the budget, or called twice in one forward (a shared module: one recorded
+                # output per batch could not stand for both calls): recomputed from now on
+                if used > self.budget or self.batch in fresh[n]:
                     used -= sum(_nbytes(o) for o in fresh.pop(n).values()) + _nbytes(out)
                     self.too_big.add(n)
                 else:
