@@ -434,3 +434,43 @@ def test_release_input_errors_one_line_exit_2(src, release, tmp_path):
     r = CliRunner().invoke(cli, ["release", "collect", str(release["out"]), "-o", str(dest)])
     one_line(r, "not empty")
     assert sorted(os.listdir(dest)) == ["x"]
+
+
+def test_collect_hashes_each_linked_file_once_and_notices_a_change(release, tmp_path, monkeypatch):
+    """Parts on the same file system are hard-linked: each file is hashed once (checking the part),
+    not again after linking; a file that changes after its check is hashed again and refused."""
+    from mtool.release import fanout
+
+    hashed: list[str] = []
+    real = fanout.sha256_file
+
+    def counting(p):
+        hashed.append(Path(p).name)
+        return real(p)
+
+    monkeypatch.setattr(fanout, "sha256_file", counting)
+    monkeypatch.setattr("mtool.release.build.sha256_file", counting)
+    part = tmp_path / "part"
+    shutil.copytree(release["out"], part)
+    r = CliRunner().invoke(cli, ["release", "collect", str(part), "-o", str(tmp_path / "c1")])
+    assert r.exit_code == 0, r.output + r.stderr
+    files = [f["path"] for a in manifest(part)["artifacts"] for f in a["files"]]
+    assert sorted(hashed) == sorted(Path(f).name for f in files)  # once each
+    assert os.stat(tmp_path / "c1" / files[0]).st_ino == os.stat(part / files[0]).st_ino  # linked
+
+    # a file rewritten (same bytes length, other content) between its check and its placing
+    victim = next(f for f in files if f.endswith(".gguf"))
+    check = fanout.intact
+
+    def tamper(path, entry):
+        ok = check(path, entry)
+        if any(f["path"] == victim for f in entry["files"]):
+            data = bytearray((path / victim).read_bytes())
+            data[-1] ^= 0xFF
+            (path / victim).write_bytes(bytes(data))
+            os.utime(path / victim, ns=(1, 1))  # a different mtime whatever the clock's resolution
+        return ok
+
+    monkeypatch.setattr(fanout, "intact", tamper)
+    r = CliRunner().invoke(cli, ["release", "collect", str(part), "-o", str(tmp_path / "c2")])
+    assert r.exit_code == 2 and "changed while it was collected" in r.stderr, r.stderr

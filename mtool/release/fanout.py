@@ -66,6 +66,7 @@ def collect(parts: list[Path], out: Path, *, force: bool = False) -> tuple[dict,
                 raise InputError(f"part {path} was made from another {what} than part {first_path}; "
                                  f"parts of one release must share source, recipe and mtool version")
     entries: dict[str, tuple[Path, dict]] = {}
+    checked: dict[str, tuple] = {}  # part file -> its (inode, size, mtime) when its hash was checked
     for path, m in manifests:
         for a in m["artifacts"]:
             if a["name"] in entries:
@@ -73,9 +74,11 @@ def collect(parts: list[Path], out: Path, *, force: bool = False) -> tuple[dict,
                     raise InputError(f"artifact {a['name']} is in parts {entries[a['name']][0]} and {path} "
                                      f"with different bytes")
                 continue
+            stamps = {f["path"]: _stamp(path / f["path"]) for f in a["files"]}  # taken before hashing
             if not intact(path, a):
                 raise InputError(f"part {path}: the files of artifact {a['name']} are missing or do not match "
                                  f"their sha256 in its manifest")
+            checked.update({str(path / k): v for k, v in stamps.items()})
             entries[a["name"]] = (path, a)
     recipe = parse_recipe(first["recipe"], f"the recipe in {first_path / 'manifest.json'}")
     names = [a.name for a in recipe.artifacts]
@@ -98,7 +101,7 @@ def collect(parts: list[Path], out: Path, *, force: bool = False) -> tuple[dict,
         for n in order:
             path, a = entries[n]
             for f in a["files"]:
-                _place(path / f["path"], out / f["path"], f["sha256"])
+                _place(path / f["path"], out / f["path"], f["sha256"], checked.get(str(path / f["path"])))
             arts.append(a)
         manifest = {k: v for k, v in first.items() if k not in ("only", "run", "artifacts")}
         manifest.update(complete=True, artifacts=arts,
@@ -110,8 +113,19 @@ def collect(parts: list[Path], out: Path, *, force: bool = False) -> tuple[dict,
     return manifest, recipe
 
 
-def _place(src: Path, dst: Path, sha256: str) -> None:
-    """Hard-link (same file system) or copy `src` to `dst` atomically, checking its hash."""
+def _stamp(p: Path) -> tuple | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _place(src: Path, dst: Path, sha256: str, checked: tuple | None = None) -> None:
+    """Hard-link (same file system) or copy `src` to `dst` atomically, checking its hash.
+
+    A hard link whose inode, size and mtime are those of the file when its hash was checked is
+    not hashed again (it is that file); a copy, or a file touched since, is."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_file() and sha256_file(dst) == sha256:
         return
@@ -120,7 +134,7 @@ def _place(src: Path, dst: Path, sha256: str) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
-    if sha256_file(tmp) != sha256:
+    if (checked is None or _stamp(tmp) != checked) and sha256_file(tmp) != sha256:
         tmp.unlink()
         raise InputError(f"{src} changed while it was collected (sha256 differs from its part's manifest)")
     os.replace(tmp, dst)
