@@ -41,15 +41,10 @@ def theirs() -> None:
     torch.save(res, OUT / "theirs.pt")
 
 
-def kld(p: torch.Tensor, q: torch.Tensor) -> float:
-    return float(torch.nn.functional.kl_div(torch.log_softmax(q.double(), -1), torch.log_softmax(p.double(), -1),
-                                            log_target=True, reduction="none").sum(-1).mean())
-
-
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import MIXTRAL_SPEC
-    from transformers.models.mixtral import modeling_mixtral as mm
+    from moe_routing import kld, mixtral_routing
 
     from mtool.model.families import load_canonical
     from mtool.quantize.engine import QuantSettings
@@ -81,31 +76,15 @@ def main() -> None:
         gu = params[f"model.layers.{i}.mlp.experts.gate_up_proj"][e]
         return gu[: gu.shape[0] // 2] if k == "gate" else gu[gu.shape[0] // 2 :]
 
-    routes: list = []
-    forced: list = []
-    route = mm.MixtralTopKRouter.forward
-
-    def router(self, h):
-        logits, scores, idx = route(self, h)
-        if forced:
-            idx = forced.pop(0)
-            top = torch.softmax(logits.float(), -1).gather(1, idx)
-            scores = top / top.sum(-1, keepdim=True)
-        else:
-            routes.append(idx)
-        return logits, scores, idx
-
-    mm.MixtralTopKRouter.forward = router
-    with torch.no_grad():
+    with mixtral_routing() as routing, torch.no_grad():
         exact = model(ids).logits
-        mine = routes[:]
-        routes.clear()
+        mine = routing.take()
         rel = max(float(((ours(n) - w).abs() / ours(n).abs().amax(1, keepdim=True)).max()) for n, w in t["weights"].items())
         for n, w in t["weights"].items():
             ours(n).copy_(w)
         free = model(ids).logits
-        flips = [float((a.sort(-1).values != b.sort(-1).values).any(-1).float().mean()) for a, b in zip(mine, routes)]
-        forced.extend(mine)
+        flips = routing.rerouted(mine, routing.take())
+        routing.hold(mine)
         held = model(ids).logits
     print(f"GPTQModel kernel on CPU: {t['kernel']}; {len(t['weights'])} quantized modules")
     print("| comparison with mtool's dequantizer (f32) | mean KLD |\n|---|---|")

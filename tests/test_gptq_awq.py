@@ -28,6 +28,7 @@ from mtool.quantize.engine import QuantSettings
 from mtool.quantize.export import export_quantized
 from mtool.verify.quantized import QuantizedRunner
 
+from .moe_routing import kld, mixtral_routing
 from .synthetic import corpus
 from .telechat_reference import reference_logits, write_telechat
 
@@ -263,12 +264,7 @@ def test_moe_every_expert_quantized_router_kept(method, naming, mixtral_model, t
     assert r.exit_code == 0, r.output
 
 
-def _kld(p: torch.Tensor, q: torch.Tensor) -> float:
-    return float(torch.nn.functional.kl_div(torch.log_softmax(q.double(), -1), torch.log_softmax(p.double(), -1),
-                                            log_target=True, reduction="none").sum(-1).mean())
-
-
-def test_moe_gap_under_bf16_kernels_is_routing(mixtral_model, tmp_path, monkeypatch):
+def test_moe_gap_under_bf16_kernels_is_routing(mixtral_model, tmp_path):
     """Why GPTQModel's loader agrees with our dequantizer to KLD ~5e-3 on the tiny Mixtral but ~1e-4 on
     dense models (found with GPTQModel 7.6.0, bench/gptqmodel_moe_parity.py): its CPU kernel works in
     bfloat16 (scales, zeros, activations), which moves the weights it applies by ~0.5 % of a row's range;
@@ -276,42 +272,23 @@ def test_moe_gap_under_bf16_kernels_is_routing(mixtral_model, tmp_path, monkeypa
     their whole size). That perturbation flips one of the top-2 experts for a few % of the tokens of a
     router trained for 30 steps, and the flips are the gap: here the same bf16 rounding applied to our
     own dequantized weights gives the gap with free routing and ~nothing with the routing held fixed."""
-    from transformers.models.mixtral import modeling_mixtral as mm
-
     out = tmp_path / "moe-gptq"
     export_quantized(load_canonical(mixtral_model), out, QuantSettings("gptq", bits=4, group_size=128, sym=True),
                      nsamples=16, seqlen=128, progress=False, expert_naming="gptqmodel")
     model = QuantizedRunner(out, "cpu").model
     ids = torch.tensor([[1] + list(range(3, 200))])
-    routes: list[torch.Tensor] = []
-    forced: list[torch.Tensor] = []
-    route = mm.MixtralTopKRouter.forward
-
-    def router(self, h):
-        logits, scores, idx = route(self, h)
-        if forced:
-            idx = forced.pop(0)
-            top = torch.softmax(logits.float(), -1).gather(1, idx)
-            scores = top / top.sum(-1, keepdim=True)
-        else:
-            routes.append(idx)
-        return logits, scores, idx
-
-    monkeypatch.setattr(mm.MixtralTopKRouter, "forward", router)
-    with torch.no_grad():
+    with mixtral_routing() as routing, torch.no_grad():
         exact = model(ids).logits
-        ours_routes = routes[:]
-        routes.clear()
+        ours_routes = routing.take()
         for n, p in model.model.layers.named_parameters():
             if p.dim() >= 2 and not n.endswith("mlp.gate.weight"):  # the linears' weights (the router stays f32)
                 p.copy_(p.to(torch.bfloat16).float())
         free = model(ids).logits
-        flipped = [float((a.sort(-1).values != b.sort(-1).values).any(-1).float().mean())
-                   for a, b in zip(ours_routes, routes)]
-        forced.extend(ours_routes)
+        flipped = routing.rerouted(ours_routes, routing.take())
+        routing.hold(ours_routes)
         held = model(ids).logits
     assert max(flipped) > 0  # some tokens went to another expert
-    kld_free, kld_held = _kld(exact, free), _kld(exact, held)
+    kld_free, kld_held = kld(exact, free), kld(exact, held)
     print(f"bf16 weights: KLD {kld_free:.2e} with free routing ({flipped} of tokens re-routed), "
           f"{kld_held:.2e} with the routing held")
     assert kld_held < 1e-3 and kld_free > 5 * kld_held

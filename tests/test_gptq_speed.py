@@ -166,4 +166,4 @@ def test_memo_never_replays_a_module_called_twice_per_forward():
         for x, y in zip(xs, outs):
             a = m.inner(x)
             torch.testing.assert_close(y, m.last(a + m.inner(a)))
-    assert "inner" in memo.too_big and not memo.outs
+    assert "inner" in memo.unkept and not memo.outs

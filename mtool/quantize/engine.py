@@ -144,7 +144,7 @@ class OutputMemo:
         self.linears, self.budget = linears, budget
         self.done: set[str] = set()
         self.outs: dict[str, dict[int, object]] = {}
-        self.too_big: set[str] = set()
+        self.unkept: set[str] = set()
         self.batch = 0
 
     def finish(self, names) -> None:
@@ -157,7 +157,7 @@ class OutputMemo:
             under = [q for q in self.linears if q == n or q.startswith(n + ".")]
             return bool(under) and all(q in self.done for q in under)
 
-        return [n for n in self.mods if finished(n) and n not in self.too_big]
+        return [n for n in self.mods if finished(n) and n not in self.unkept]
 
     def clear(self) -> None:
         self.outs.clear()
@@ -176,8 +176,7 @@ class OutputMemo:
         cand = [n for n in fin if n not in self.outs and not inside(n, self.outs)]
         # the last pass (every linear done) records nothing: no pass comes after it
         recording = [] if self.done >= set(self.linears) else [n for n in cand if not inside(n, cand)]
-        saved = {n: self.mods[n].forward for n in replay}
-        for n in saved:
+        for n in replay:  # an instance attribute shadows the class's forward until deleted
             self.mods[n].forward = lambda *a, n=n, **k: self.outs[n][self.batch]
         fresh: dict[str, dict[int, object]] = {n: {} for n in recording}
         used = self.nbytes()
@@ -190,7 +189,7 @@ class OutputMemo:
                 # output per batch could not stand for both calls): recomputed from now on
                 if used > self.budget or self.batch in fresh[n]:
                     used -= sum(_nbytes(o) for o in fresh.pop(n).values()) + _nbytes(out)
-                    self.too_big.add(n)
+                    self.unkept.add(n)
                 else:
                     fresh[n][self.batch] = out
 
@@ -202,7 +201,7 @@ class OutputMemo:
         finally:
             for h in hooks:
                 h.remove()
-            for n in saved:
+            for n in replay:
                 del self.mods[n].forward  # back to the class's forward
         if complete:
             batches = 1 + self.batch

@@ -136,7 +136,6 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
     if Hinv is None:
         raise MtoolError("GPTQ: the Hessian could not be factorized even with damping 1.0 (non-finite activations?)")
     gs = in_f if group_size == -1 else group_size
-    maxq = 2**bits - 1
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     scales, zeros, gidx_perm = [], [], torch.zeros(in_f, dtype=torch.int64, device=W.device)
@@ -158,7 +157,7 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
                 scales.append(s)
                 zeros.append(z)
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            q = quantize_codes(w.unsqueeze(1), s, z, bits).flatten()
             codes[:, col] = q
             deq = (q - z) * s
             Q[:, col] = deq
