@@ -167,3 +167,32 @@ def test_memo_never_replays_a_module_called_twice_per_forward():
             a = m.inner(x)
             torch.testing.assert_close(y, m.last(a + m.inner(a)))
     assert "inner" in memo.unkept and not memo.outs
+
+
+def _published_clip(w: torch.Tensor, xs: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """AutoAWQ's _compute_best_clip as published (one broadcast over all rows, tokens and columns)."""
+    out_f, in_f = w.shape
+    wg = w.reshape(out_f, 1, in_f // group, group)
+    xg = xs.reshape(1, xs.shape[0], in_f // group, group)
+    org = (xg * wg).sum(-1)
+    org_max = wg.abs().amax(dim=-1, keepdim=True)
+    best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+    for i in range(10):
+        mx = org_max * (1 - i / 20)
+        q = engine._awq_fake_quant(torch.clamp(wg, -mx, mx).reshape(out_f, in_f), bits, group).reshape(wg.shape)
+        err = ((xg * q).sum(-1) - org).pow(2).mean(dim=1).view(best_err.shape)
+        better = err < best_err
+        best_err[better], best_max[better] = err[better], mx[better]
+    return torch.clamp(wg, -best_max, best_max).reshape(out_f, in_f)
+
+
+def test_awq_clip_search_in_row_blocks_is_the_published_search():
+    """The row-blocked batched-matmul clip search picks the clips of the published broadcast (which
+    needed out x tokens x in floats: 46 GB for a 7B down_proj); several row blocks, odd row count."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(203, 256, generator=g) * torch.rand(1, 256, generator=g) * 3
+    x = torch.randn(2, 150, 256, generator=g) * torch.rand(256, generator=g) * 2
+    want = _published_clip(w, x.reshape(-1, 256), 4, 64)
+    got = engine._search_clip(w, x, 4, 64, chunk_bytes=4 * 4 * 300 * 50)  # 50 rows per block
+    assert not torch.equal(want, w)  # the search clipped something
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
