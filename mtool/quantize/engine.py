@@ -214,7 +214,13 @@ class OutputMemo:
 
 def build_layer(model: CanonicalModel, config, by_name: dict, i: int, device: str):
     """Decoder layer i as transformers' module of the spec, filled from the canonical tensors (float32)."""
-    layer = transformers_class(model, model.spec.decoder_layer)(config, i)
+    cls = transformers_class(model, model.spec.decoder_layer)
+    with torch.device("meta"):  # no random init of weights that are overwritten at once (~1 s per 7B layer)
+        layer = cls(config, i)
+    if next(layer.buffers(), None) is not None:  # buffers are computed in __init__: build it for real
+        layer = cls(config, i)
+    else:
+        layer = layer.to_empty(device=device)
     prefix = f"model.layers.{i}."
     sd = {n[len(prefix):]: checked(t) for n, t in by_name.items() if n.startswith(prefix)}
     if model.moe:
@@ -223,6 +229,8 @@ def build_layer(model: CanonicalModel, config, by_name: dict, i: int, device: st
     if unexpected or [m for m in missing if not m.endswith(".bias")]:
         raise MtoolError(f"layer {i}: weights do not fit {model.spec.decoder_layer} "
                          f"(missing {missing}, unexpected {unexpected})")
+    for m in missing:  # a bias the checkpoint does not have is zero
+        layer.get_parameter(m).data.zero_()
     return layer.to(device).eval()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..convert.hf_export import export_hf
+from ..device import resolve_device
 from ..errors import InputError, VerifySetupError
 from ..gguf_file import is_gguf
 from ..model.checkpoint import read_json
@@ -223,7 +224,7 @@ def compare_candidate(
         raise VerifySetupError(
             f"vocab sizes differ: reference {r.model.vocab_size}, candidate {cand_runner.vocab_size}"
         )
-    acc = ParityAccumulator()
+    acc = ParityAccumulator(device=resolve_device(r.device))  # where the reference ran
     windows = r.windows
     bar = None
     if progress:
