@@ -46,6 +46,34 @@ def test_metrics_against_torch():
     assert r["top1_agreement"] == float((ref.argmax(-1) == cand.argmax(-1)).double().mean())
 
 
+def test_metrics_across_row_chunks_and_windows():
+    """Windows longer than the accumulator's row chunk (and two windows): the same figures as one
+    computation over all positions."""
+    from mtool.verify import metrics
+
+    g = torch.Generator().manual_seed(2)
+    n = 2 * metrics.ROWS + 23
+    refs = [torch.randn(n, 40, generator=g, dtype=torch.float64) for _ in range(2)]
+    cands = [r + 0.2 * torch.randn(n, 40, generator=g, dtype=torch.float64) for r in refs]
+    ids = [torch.randint(0, 40, (n,), generator=g).tolist() for _ in range(2)]
+    acc = ParityAccumulator()
+    for i, r, c in zip(ids, refs, cands):
+        acc.add(i, r.numpy().astype(np.float32), c.numpy().astype(np.float32))
+    res = acc.result()
+    ref32 = [r.float().double() for r in refs]
+    cand32 = [c.float().double() for c in cands]
+    ref, cand = torch.cat(ref32), torch.cat(cand32)
+    lr, lc = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
+    kld = torch.nn.functional.kl_div(lc, lr, log_target=True, reduction="none").sum(-1)
+    assert res["positions"] == 2 * n
+    assert abs(res["kld_mean"] - float(kld.mean())) < 1e-12
+    nll = torch.cat([torch.nn.functional.cross_entropy(r[:-1], torch.tensor(i[1:]), reduction="none")
+                     for r, i in zip(ref32, ids)])
+    assert abs(res["ppl_ref"] - float(torch.exp(nll.mean()))) < 1e-9
+    assert res["top1_agreement"] == float((ref.argmax(-1) == cand.argmax(-1)).double().mean())
+    assert res["max_abs_dlogit"] == float((ref - cand).abs().max())
+
+
 def test_windows_start_with_bos():
     ids = [1] + list(range(100, 400))
     ws = token_windows(ids, ctx=64, max_windows=3, bos_id=1)
