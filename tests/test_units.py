@@ -103,3 +103,39 @@ def test_expert_naming_round_trips_and_fused_rows():
             t = fused[name]
             got = t.reshape(-1, t.shape[-1])[row0 : row0 + rows]
             assert torch.equal(got, per[experts.legacy(e, w) + ".weight"])
+
+
+def test_fast_gguf_reader_builds_gguf_pys_fields(tmp_path):
+    """mtool's reader (arrays parsed in one pass) against gguf-py's own, field by field: every
+    array element type, empty strings, Chinese, a nested array (gguf-py's path)."""
+    import gguf
+
+    from mtool.gguf_file import open_gguf
+
+    T = gguf.GGUFValueType
+    path = tmp_path / "kv.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    for i, sub in enumerate([T.UINT8, T.INT8, T.UINT16, T.INT16, T.UINT32, T.INT32, T.FLOAT32, T.UINT64,
+                             T.INT64, T.FLOAT64]):
+        w.add_key_value(f"test.arr{i}", [0, 1, 2, 3] if "INT" in sub.name else [0.5, -1.25, 3.0], T.ARRAY, sub)
+    w.add_key_value("test.bools", [True, False, True], T.ARRAY, T.BOOL)
+    w.add_key_value("test.strings", ["", "a", "中文词", "<|endofutterance|>", ""], T.ARRAY, T.STRING)
+    w.add_key_value("test.nested", [[1, 2], [3]], T.ARRAY, T.ARRAY)
+    w.add_string("test.scalar", "x")
+    w.add_uint32("test.n", 7)
+    w.add_tensor("t", np.arange(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    want, got = gguf.GGUFReader(path), open_gguf(path)
+    assert list(want.fields) == list(got.fields)
+    for key, a in want.fields.items():
+        b = got.fields[key]
+        assert (a.offset, a.data, a.types) == (b.offset, b.data, b.types), key
+        assert len(a.parts) == len(b.parts), key
+        for x, y in zip(a.parts, b.parts):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), key
+        assert a.contents() == b.contents(), key
+    assert got.fields["test.strings"].contents() == ["", "a", "中文词", "<|endofutterance|>", ""]
+    np.testing.assert_array_equal(got.tensors[0].data, np.arange(8, dtype=np.float32))
