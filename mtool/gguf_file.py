@@ -6,6 +6,7 @@ that are not GGUF or were cut short; here every such file is one InputError nami
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import InputError
@@ -13,6 +14,7 @@ from .errors import InputError
 GGUF_MAGIC = b"GGUF"
 
 
+@lru_cache(maxsize=1)
 def _reader_class():
     """gguf-py's GGUFReader with arrays of strings and scalars parsed in one pass.
 

@@ -323,7 +323,7 @@ def _quantize_into(layer, name: str, h: Hessian, s: QuantSettings, n_ff: int, re
     get, put = weight_handle(layer, name, n_ff)
     w = get().clone()
     r = _gptq_or_rtn(w, h, s)
-    errors[name] = _rel_error(w.cpu(), r.dequant, h.h.cpu())
+    errors[name] = _rel_error(w, r.dequant, h.h)  # where the Hessian is: no copy of it to the CPU per linear
     put(r.dequant.to(s.device))
     results[name] = r
 
@@ -511,7 +511,9 @@ def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSett
         for mapping in runner.model.spec.awq:
             st.apply(mapping, s)
     results, errors = {}, {}
-    hessians: dict[str, torch.Tensor] = {}  # for the error report: one per input, on the layer's device
+    # the error report's Hessian, on the layer's device, made once per input: linears that share an
+    # input follow each other in spec.linears
+    h_key, h_mat = None, None
     for n in expand(runner.model.spec.linears, st.n_exp):
         get, put = st.handle(n)
         feat = st.feature(n)
@@ -519,12 +521,11 @@ def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSett
         if not n.endswith(("q_proj", "k_proj")):  # as published: q/k are not clipped
             w = _search_clip(w, feat, s.bits, s.group_size)
         r = rtn(w.cpu(), s.bits, s.group_size, sym=False, min_zero=0)
-        key = st.source[n]
-        if key not in hessians:
+        if st.source[n] != h_key:
             h = Hessian(w.shape[1], feat.device)
             h.add(feat.reshape(-1, feat.shape[-1]))
-            hessians = {key: h.h}  # linears that share an input follow each other in spec.linears
-        errors[n] = _rel_error(get(), r.dequant, hessians[key])
+            h_key, h_mat = st.source[n], h.h
+        errors[n] = _rel_error(get(), r.dequant, h_mat)
         put(r.dequant.to(s.device))
         results[n] = r
     return results, errors
