@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .convert.gguf_export import GGUFResult, export_gguf, plan_tensors, shard_paths
+from .convert.gguf_export import export_gguf, plan_tensors
+from .convert.gguf_write import GGUFResult, shard_paths
 from .convert.gguf_types import OUTTYPES
 from .convert.hf_export import export_hf
 from .convert.imatrix_file import ImportanceMatrix, importances_for

@@ -12,7 +12,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,9 +24,10 @@ from ..errors import InputError, MtoolError, UsageError
 from ..model import experts
 from ..model.canonical import CanonicalModel, LazyTensor, rope_settings
 from ..numerics import F16_MAX, check_finite
-from ..outputs import check_output_path, commit_files, output_transaction
+from ..outputs import check_output_path, output_transaction
 from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
 from .gguf_vocab import apply_recipe, build_vocab
+from .gguf_write import GGUFResult, commit_gguf, progress_bar, shard_paths, type_counts, write_header
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import KQUANTS, MixtureOptions, plan_mixture
 
@@ -47,29 +48,6 @@ class PlannedTensor:
     @property
     def stacked(self) -> bool:
         return len(self.shape) == len(self.parts[0].shape) + 1
-
-
-@dataclass
-class GGUFResult:
-    """What a conversion wrote, for the CLI summary."""
-
-    files: list[Path]
-    n_tensors: int
-    bytes_out: int
-    seconds: float
-    type_counts: dict[str, int]
-    notes: list[str] = field(default_factory=list)
-    n_params: int = 0
-    fallbacks: list[str] = field(default_factory=list)  # tensors written in a wider type than planned
-
-    @property
-    def n_fallbacks(self) -> int:
-        return len(self.fallbacks)
-
-
-def shard_paths(out: Path) -> list[Path]:
-    """Existing split shards that belong to `out` (name-00001-of-0000N.gguf)."""
-    return sorted(out.parent.glob(f"{out.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
 
 
 def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -305,7 +283,7 @@ def export_gguf(
         vocab.add_to(w)
         if imatrix is not None:
             add_imatrix_metadata(w, imatrix)
-        write_header(w, [(p.gguf_name, p.shape, p.qtype) for p in planned])
+        tensor_data = write_header(w, [(p.gguf_name, p.shape, p.qtype) for p in planned])
         bar = progress_bar(total_out, progress)
         # Tensors are read, checked and encoded by worker threads (each torch op on one core)
         # while the main thread writes, in order, what they finished: on small machines the
@@ -314,7 +292,7 @@ def export_gguf(
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, torch_threads // n_workers))
         try:
-            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            with tensor_data, ThreadPoolExecutor(max_workers=n_workers) as pool:
                 # Work is queued ahead while it fits a byte budget, so a model with huge
                 # tensors (stacked experts) holds at most about two of them at once.
                 budget = max(INFLIGHT_BYTES, max(p.nbytes for p in planned))
@@ -334,7 +312,7 @@ def export_gguf(
                 while ahead:
                     p, fut = ahead.popleft()
                     data = fut.result()
-                    w.write_tensor_data(data)
+                    tensor_data.write(data)
                     del data
                     inflight -= p.nbytes
                     fill()
@@ -344,7 +322,6 @@ def export_gguf(
             torch.set_num_threads(torch_threads)
         if bar:
             bar.close()
-        w.close()
         files = commit_gguf(tmp, out, old_shards, force)
 
     counts = type_counts(p.qtype for p in planned)
@@ -377,34 +354,3 @@ def add_provenance(w: gguf.GGUFWriter, p) -> None:
         w.add_tags(list(p.tags))
     if p.languages:
         w.add_languages(list(p.languages))
-
-
-def write_header(w: gguf.GGUFWriter, infos: list[tuple[str, tuple[int, ...], Q]]) -> None:
-    """Announce every tensor (name, torch-order shape, type), then write header, metadata and
-    tensor infos: the data follows tensor by tensor."""
-    for name, shape, qtype in infos:
-        wshape, dtype = writer_shape_dtype(shape, qtype)
-        w.add_tensor_info(name, wshape, dtype, encoded_nbytes(shape, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-
-
-def commit_gguf(staging: Path, out: Path, old_shards: list[Path], force: bool) -> list[Path]:
-    """Move the finished file(s) from staging beside `out`, replacing the old ones with force."""
-    return commit_files(sorted(staging.glob("*.gguf")), out.parent, replace=[out, *old_shards] if force else [])
-
-
-def type_counts(qtypes) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for q in qtypes:
-        counts[q.name] = counts.get(q.name, 0) + 1
-    return counts
-
-
-def progress_bar(total: int, enabled: bool, desc: str = "writing GGUF"):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)

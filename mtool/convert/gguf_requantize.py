@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError, UsageError
 from ..gguf_file import open_gguf
 from ..outputs import check_output_path, output_transaction
-from .gguf_export import GGUFResult, progress_bar, commit_gguf, shard_paths, type_counts, write_header
+from .gguf_write import GGUFResult, commit_gguf, progress_bar, shard_paths, type_counts, write_header
 from .gguf_types import encode, encoded_nbytes
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import FLOAT_TYPES, KQUANTS, MixtureOptions, plan_mixture
@@ -123,13 +123,13 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if mixture.imatrix is not None:
             add_imatrix_metadata(w, mixture.imatrix)
-        write_header(w, [(t.name, shapes[t.name], plan.types[t.name]) for t in tensors])
+        tensor_data = write_header(w, [(t.name, shapes[t.name], plan.types[t.name]) for t in tensors])
         bar = progress_bar(total, progress, "quantizing")
         # Tensors are read with pread (not through the reader's memory map, whose touched pages
         # would stay resident: RSS would grow with the file) one ahead of the quantizer.
         fds = {s: os.open(s, os.O_RDONLY) for s in shards}
         try:
-            with ThreadPoolExecutor(max_workers=1) as reader:
+            with tensor_data, ThreadPoolExecutor(max_workers=1) as reader:
                 items = [(fds[shard], t, plan.types[t.name]) for shard, r in zip(shards, readers) for t in r.tensors]
                 nxt = reader.submit(_load, *items[0], src) if items else None
                 for k, (_, t, qtype) in enumerate(items):
@@ -137,7 +137,7 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
                     nxt = reader.submit(_load, *items[k + 1], src) if k + 1 < len(items) else None
                     if qtype != t.tensor_type:
                         data = _encode(data.reshape(shapes[t.name]), qtype, t.name, imps.get(t.name))
-                    w.write_tensor_data(data)
+                    tensor_data.write(data)
                     del data
                     if bar:
                         bar.update(encoded_nbytes(shapes[t.name], qtype))
@@ -146,7 +146,6 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
                 os.close(fd)
         if bar:
             bar.close()
-        w.close()
         files = commit_gguf(tx.dir, out, old_shards, force)
     counts = type_counts(plan.types.values())
     return GGUFResult(files=files, n_tensors=len(tensors), bytes_out=total,
