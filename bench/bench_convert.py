@@ -4,19 +4,24 @@ Generates bf16 Llama checkpoints (random weights, 3 shards, SentencePiece tokeni
 on the fly) of two sizes, converts each to f16 and q8_0 with `mtool convert` and with
 llama.cpp's `convert_hf_to_gguf.py`, and prints wall time, input MB/s and peak RSS, beside the
 physical floor measured in the same run (read the input files, write the output's number of bytes
-sequentially with fsync), and each tool's time as a multiple of that floor.
+sequentially: through the page cache with fsync, and with O_DIRECT; the faster of the two is the
+floor), and each tool's time as a multiple of that floor. `--moe-layers N` adds a Mixtral with
+real-size layers (hidden 4096, ffn 14336, 8 experts: ~2.8 GB of experts per layer, Huozi 3.5's
+and Mixtral-8x7B's shape).
 
 llama.cpp's converter is taken from the llama-cpp-python source distribution (downloaded
 into bench/out/, never committed); pass --no-llamacpp to skip it.
 
     python bench/bench_convert.py            # ~0.5B and ~0.25B models
     python bench/bench_convert.py --sizes 0.5 --outtypes f16
+    python bench/bench_convert.py --sizes 0.25,0.5,1 --outtypes f16,bf16,q8_0 --moe-layers 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -73,6 +78,64 @@ def make_model(path: Path, layers: int, seed: int = 0) -> int:
         weight_map.update({n: fname for n in part})
         del sd
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg.save_pretrained(str(path))
+    train_spm_tokenizer(path, 700)
+    return total
+
+
+MOE = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000, experts=8)
+
+
+def make_moe_model(path: Path, layers: int, seed: int = 0) -> int:
+    """A random bf16 Mixtral with real-size layers, one shard per ~1 GB; returns bytes."""
+    from safetensors.torch import save_file
+    from transformers import MixtralConfig
+
+    from mtool.tiny import train_spm_tokenizer
+
+    if (path / "config.json").is_file():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    path.mkdir(parents=True, exist_ok=True)
+    h, f, v, e = MOE["hidden"], MOE["intermediate"], MOE["vocab"], MOE["experts"]
+    hd, kv = h // MOE["heads"], MOE["kv_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.self_attn.q_proj.weight": (h, h), f"{p}.self_attn.k_proj.weight": (kv * hd, h),
+            f"{p}.self_attn.v_proj.weight": (kv * hd, h), f"{p}.self_attn.o_proj.weight": (h, h),
+            f"{p}.block_sparse_moe.gate.weight": (e, h),
+        })
+        for x in range(e):
+            for w in ("w1", "w2", "w3"):
+                shapes[f"{p}.block_sparse_moe.experts.{x}.{w}.weight"] = (f, h) if w != "w2" else (h, f)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    g = torch.Generator().manual_seed(seed)
+    groups, cur, size = [], [], 0
+    for n, shp in shapes.items():
+        nbytes = 2 * torch.Size(shp).numel()
+        if cur and size + nbytes > 10**9:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nbytes
+    groups.append(cur)
+    weight_map, total = {}, 0
+    for k, part in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        sd = {n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in part}
+        save_file(sd, str(path / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in sd.values())
+        weight_map.update({n: fname for n in part})
+        del sd
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg = MixtralConfig(vocab_size=v, hidden_size=h, intermediate_size=f, num_hidden_layers=layers,
+                        num_attention_heads=MOE["heads"], num_key_value_heads=kv, num_local_experts=e,
+                        num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False,
+                        dtype="bfloat16")
+    cfg.architectures = ["MixtralForCausalLM"]
     cfg.save_pretrained(str(path))
     train_spm_tokenizer(path, 700)
     return total
@@ -147,12 +210,13 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
     return wall, usage_peak, code, out
 
 
-def floor_seconds(src: Path, out_bytes: int, dst: Path) -> float:
+def floor_seconds(src: Path, out_bytes: int, dst: Path, direct: bool) -> float:
     """The physical floor of a conversion: read every input file once and write `out_bytes` sequentially
-    with fsync, in 16 MiB chunks, in this process (same page-cache state as the conversions, which read
-    the just-written model from the cache too)."""
+    in 16 MiB chunks, in this process (same page-cache state as the conversions, which read the
+    just-written model from the cache too). `direct`: O_DIRECT writes from an aligned buffer (the last
+    block padded, the file cut back), else through the page cache; fsync'd either way."""
     chunk = 16 * 2**20
-    buf = bytearray(chunk)
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
     view = memoryview(buf)
     t0 = time.perf_counter()
     for f in sorted(src.iterdir()):
@@ -160,16 +224,24 @@ def floor_seconds(src: Path, out_bytes: int, dst: Path) -> float:
             with open(f, "rb", buffering=0) as fh:
                 while fh.readinto(view):
                     pass
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(dst, flags, 0o644)
     try:
-        left = out_bytes
-        while left > 0:
-            left -= os.write(fd, view[: min(chunk, left)])
+        pos = 0
+        while pos < out_bytes:
+            n = min(chunk, out_bytes - pos)
+            if direct:
+                n = -(-n // 4096) * 4096
+            pos += os.write(fd, view[:n])
+        if direct:
+            os.ftruncate(fd, out_bytes)
         os.fsync(fd)
     finally:
         os.close(fd)
     wall = time.perf_counter() - t0
     dst.unlink()
+    view.release()
+    buf.close()
     return wall
 
 
@@ -186,21 +258,30 @@ def main() -> None:
     ap.add_argument("--outtypes", default="f16,q8_0")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median wall time is reported")
+    ap.add_argument("--moe-layers", type=int, default=0, help="also convert a real-size Mixtral of N layers")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     conv = None if args.no_llamacpp else llamacpp_converter()
     mtool = [sys.executable, "-m", "mtool.cli", "convert"]
     rows = []
-    for size in [float(s) for s in args.sizes.split(",")]:
+    cases = []
+    for size in [float(s) for s in args.sizes.split(",") if s]:
         layers = max(1, round(20 * size / 0.5))
-        src = OUT / f"llama-{layers}L-bf16"
-        nbytes = make_model(src, layers)
+        cases.append((layers, OUT / f"llama-{layers}L-bf16", make_model))
+    if args.moe_layers:
+        cases.append((args.moe_layers, OUT / f"mixtral-4096h-{args.moe_layers}L-bf16", make_moe_model))
+    for layers, src, make in cases:
+        nbytes = make(src, layers)
         for outtype in args.outtypes.split(","):
             dst = OUT / f"mtool-{layers}L-{outtype}.gguf"
             wall, rss, code = repeat(args.repeat, mtool + [str(src), "-o", str(dst), "--outtype", outtype, "--force", "-q"])
             out_bytes = dst.stat().st_size if dst.is_file() else 0
-            floor = sorted(floor_seconds(src, out_bytes, OUT / "floor.bin") for _ in range(args.repeat))[args.repeat // 2]
-            rows.append(("floor: read input + write output, fsync", layers, nbytes, outtype, floor, 0, 0, floor))
+            med = args.repeat // 2
+            cached = sorted(floor_seconds(src, out_bytes, OUT / "floor.bin", False) for _ in range(args.repeat))[med]
+            direct = sorted(floor_seconds(src, out_bytes, OUT / "floor.bin", True) for _ in range(args.repeat))[med]
+            floor = min(cached, direct)
+            rows.append(("floor: read + write, page cache, fsync", layers, nbytes, outtype, cached, 0, 0, floor))
+            rows.append(("floor: read + write, O_DIRECT", layers, nbytes, outtype, direct, 0, 0, floor))
             rows.append(("mtool", layers, nbytes, outtype, wall, rss, code, floor))
             if conv is not None:
                 dst = OUT / f"llamacpp-{layers}L-{outtype}.gguf"

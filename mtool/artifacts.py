@@ -11,19 +11,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .convert.gguf_export import export_gguf, plan_tensors
 from .convert.gguf_write import GGUFResult, shard_paths
 from .convert.gguf_types import OUTTYPES
-from .convert.hf_export import export_hf
 from .convert.imatrix_file import ImportanceMatrix, importances_for
 from .convert.quant_policy import MixtureOptions, parse_tensor_type, parse_type
 from .errors import MtoolError, UsageError
 from .model.canonical import CanonicalModel
 from .model.checkpoint import parse_size
-from .quantize.engine import QuantSettings
-from .quantize.export import QuantReport, check_settings, export_quantized
 from .recipes.schema import ArtifactSpec, AwqOptions, GgufOptions, GptqOptions, Recipe
+
+if TYPE_CHECKING:  # the GPTQ/AWQ and HF paths import torch: only when an artifact needs them
+    from .quantize.engine import QuantSettings
+    from .quantize.export import QuantReport
 
 
 @dataclass
@@ -91,6 +93,8 @@ def mixture_options(o: GgufOptions, imatrix: ImportanceMatrix | None, *, flags: 
 
 
 def quant_settings(spec: ArtifactSpec, device: str) -> QuantSettings:
+    from .quantize.engine import QuantSettings
+
     o = spec.options
     sym = o.sym if isinstance(o, GptqOptions) else False  # AWQ is always asymmetric
     desc_act = o.desc_act if isinstance(o, GptqOptions) else False
@@ -118,6 +122,8 @@ def check_artifact(model: CanonicalModel, spec: ArtifactSpec, *, imatrix: bool |
             if not has_im and OUTTYPES[o.outtype].mixture:
                 importances_for(None, {p.gguf_name: (p.shape, p.qtype) for p in planned}, o.outtype)
         elif isinstance(o, (GptqOptions, AwqOptions)):
+            from .quantize.export import check_settings
+
             check_settings(model, quant_settings(spec, "cpu"), o.expert_naming)
         else:
             parse_size(o.split_max_size)
@@ -139,11 +145,15 @@ def build_artifact(model: CanonicalModel, spec: ArtifactSpec, out: Path, inputs:
         return BuiltArtifact(spec, res.files, res.seconds, res.n_params, res.type_counts, res.fallbacks,
                              res.notes[len(model.notes):], res)
     if isinstance(o, (GptqOptions, AwqOptions)):
+        from .quantize.export import export_quantized
+
         settings = quant_settings(spec, inputs.device)
         rep = export_quantized(model, out, settings, calib=inputs.calib, nsamples=inputs.nsamples,
                                seqlen=inputs.seqlen, force=inputs.force, progress=False,
                                expert_naming=o.expert_naming, on_layer=inputs.on_layer)
         return BuiltArtifact(spec, [rep.out], rep.seconds, model.n_params(), safetensors_types(rep.out), detail=rep)
+    from .convert.hf_export import export_hf
+
     path = export_hf(model, out, force=inputs.force, max_shard_bytes=parse_size(o.split_max_size) or 5 * 1000**3,
                      progress=inputs.progress, recipe=inputs.recipe)
     return BuiltArtifact(spec, [path], time.perf_counter() - t0, model.n_params(), safetensors_types(path))

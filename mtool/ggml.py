@@ -9,6 +9,11 @@ are quantized on worker threads, all cores busy.
 
 The library is found in `llama_cpp/lib` of the installed llama-cpp-python, or in the folder
 named by LLAMA_CPP_LIB_PATH (versioned names such as libggml-base.so.0 are accepted).
+
+Float conversions (bf16/f16 <-> f32) use libggml-cpu's vectorized row converters beside it
+(4-5 billion values/s on one core here, against ~0.5-0.7 for torch's and ~0.3 for numpy's;
+the same IEEE round-to-nearest-even, checked against numpy in the tests); numpy does them
+where that library is absent (builds that name it per CPU variant).
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ _SIGNATURES = {
 }
 # rows per call: big enough to amortize the call, small enough to spread over threads
 _CHUNK_ROWS = 64
+_CPU_LIB_NAMES = ("libggml-cpu.so", "libggml-cpu.so.*", "libggml-cpu.dylib", "libggml-cpu.*.dylib", "ggml-cpu.dll")
+# ggml_cpu_<from>_to_<to>(const void * x, void * y, int64_t n)
+_CONVERTERS = {("bfloat16", "float32"): "ggml_cpu_bf16_to_fp32", ("float16", "float32"): "ggml_cpu_fp16_to_fp32",
+               ("float32", "float16"): "ggml_cpu_fp32_to_fp16", ("float32", "bfloat16"): "ggml_cpu_fp32_to_bf16"}
 
 
 def library_dir() -> Path:
@@ -78,6 +87,62 @@ class GGML:
             fn.restype, fn.argtypes = res, args
         self.path = path
         self._initialized: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._convert = self._load_converters(Path(path).parent)
+
+    @staticmethod
+    def _load_converters(folder: Path) -> dict[tuple[str, str], object]:
+        for pattern in _CPU_LIB_NAMES:
+            found = sorted(folder.glob(pattern))
+            if found:
+                break
+        else:
+            return {}
+        try:
+            cpu = ctypes.CDLL(str(found[0]))
+            cpu.ggml_cpu_init.restype, cpu.ggml_cpu_init.argtypes = None, []
+            cpu.ggml_cpu_init()
+            fns = {}
+            for key, name in _CONVERTERS.items():
+                fn = getattr(cpu, name)
+                fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                fns[key] = fn
+            return fns
+        except (OSError, AttributeError):  # an older or differently built library: numpy converts
+            return {}
+
+    def convert(self, x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Values of `x` (numpy storage of dtype `src`: float32, float16, bfloat16 as uint16 bits)
+        as storage of `dst`, rounded to nearest even; into `out` when given (same element count)."""
+        storage = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+        x = np.ascontiguousarray(x)
+        if out is None:
+            out = np.empty(x.shape, dtype=storage[dst])
+        if x.dtype != storage[src] or out.dtype != storage[dst]:
+            raise ValueError(f"convert {src} -> {dst}: storage is {x.dtype} -> {out.dtype}")
+        if x.size != out.size or not out.flags.c_contiguous:
+            raise ValueError("convert: output must be contiguous and as large as the input")
+        if src == dst:
+            out.reshape(-1)[:] = x.reshape(-1)
+        elif src != "float32" and dst != "float32":  # via float32, a chunk at a time
+            step = 1 << 20
+            tmp = np.empty(min(step, x.size), dtype=np.float32)
+            xf, of = x.reshape(-1), out.reshape(-1)
+            for i in range(0, x.size, step):
+                t = tmp[: min(step, x.size - i)]
+                self.convert(xf[i : i + t.size], src, "float32", t)
+                self.convert(t, "float32", dst, of[i : i + t.size])
+        elif (src, dst) in self._convert:
+            self._convert[(src, dst)](x.ctypes.data, out.ctypes.data, x.size)
+        else:
+            out.reshape(-1)[:] = _numpy_convert(x.reshape(-1), src, dst)
+        return out
+
+    def pool(self) -> ThreadPoolExecutor:
+        """One pool of quantizer threads for the process (threads are not started per tensor)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="ggml")
+        return self._pool
 
     def type_name(self, qtype: int) -> str:
         return self.lib.ggml_type_name(int(qtype)).decode()
@@ -134,15 +199,27 @@ class GGML:
             return int(self.lib.ggml_quantize_chunk(qtype, src, dst, r0 * n_per_row, n, n_per_row, imp))
 
         starts = range(0, rows, _CHUNK_ROWS)
-        workers = threads or os.cpu_count() or 1
-        if workers == 1 or rows <= _CHUNK_ROWS:
+        if threads == 1 or rows <= _CHUNK_ROWS:
             written = sum(run(r0) for r0 in starts)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+        elif threads:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
                 written = sum(pool.map(run, starts))
+        else:
+            written = sum(self.pool().map(run, starts))
         if written != out.nbytes:
             raise MtoolError(f"libggml wrote {written} bytes for {name}, expected {out.nbytes}")
         return out
+
+
+def _numpy_convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:
+    if src == "bfloat16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    if dst == "bfloat16":  # round to nearest even on the upper 16 bits; NaN stays a quiet NaN
+        u = x.astype(np.float32).view(np.uint32)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.where(np.isnan(x), ((u >> 16) | 0x40).astype(np.uint16), r)
+    with np.errstate(over="ignore"):  # beyond float16's range -> inf, as libggml's cast
+        return x.astype(np.float16 if dst == "float16" else np.float32)
 
 
 @lru_cache(maxsize=1)

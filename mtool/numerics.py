@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from .dtypes import DType
 from .errors import InputError
 
 # Work is done in chunks of about this many elements, so float32 temporaries stay a few MB
@@ -14,9 +14,15 @@ CHUNK_ELEMENTS = 1 << 20
 
 F16_MAX = 65504.0
 
+# IEEE layouts: (unsigned int type of the same width, mask of all bits but the sign, abs bits of +Inf)
+_BITS = {"float32": (np.uint32, 0x7FFFFFFF, 0x7F800000), "float16": (np.uint16, 0x7FFF, 0x7C00),
+         "bfloat16": (np.uint16, 0x7FFF, 0x7F80)}
 
-def scan_values(t: torch.Tensor) -> tuple[bool, float]:
-    """(all finite, max |value|) in one pass (aminmax propagates NaN), chunk by chunk."""
+
+def scan_values(t) -> tuple[bool, float]:
+    """(all finite, max |value|) of a float torch tensor in one pass (aminmax propagates NaN), chunk by chunk."""
+    import torch
+
     amax = 0.0
     for chunk in t.reshape(-1).split(CHUNK_ELEMENTS):
         lo, hi = torch.aminmax(chunk)
@@ -27,9 +33,27 @@ def scan_values(t: torch.Tensor) -> tuple[bool, float]:
     return True, amax
 
 
-def check_finite(t: torch.Tensor, name: str) -> float:
-    """max |value| of a float tensor; InputError naming it when any value is NaN or Inf."""
-    finite, amax = scan_values(t)
+def scan_storage(a: np.ndarray, dtype: DType) -> tuple[bool, float]:
+    """`scan_values` for numpy storage of an f32/f16/bf16 tensor, on the bits: with the sign
+    masked off, IEEE floats order like unsigned integers and every pattern from +Inf's up is
+    Inf or NaN, so one integer max per chunk answers both questions."""
+    uint, mask, inf = _BITS[dtype.name]
+    flat = a.reshape(-1).view(uint)
+    top = 0
+    for i in range(0, flat.size, CHUNK_ELEMENTS):
+        top = max(top, int(np.bitwise_and(flat[i : i + CHUNK_ELEMENTS], mask).max()))
+    if top >= inf:
+        return False, float("inf")
+    value = np.array([top], dtype=uint)
+    if dtype.name == "bfloat16":
+        return True, float((value.astype(np.uint32) << 16).view(np.float32)[0])
+    return True, float(value.view(np.float32 if uint is np.uint32 else np.float16)[0])
+
+
+def check_finite(t, name: str, dtype: DType | None = None) -> float:
+    """max |value| of a float tensor (torch, or numpy storage of `dtype`); InputError naming it
+    when any value is NaN or Inf."""
+    finite, amax = scan_values(t) if dtype is None else scan_storage(t, dtype)
     if not finite:
         raise InputError(f"tensor {name} contains NaN or Inf values")
     return amax

@@ -15,15 +15,16 @@ ROOT = Path(__file__).resolve().parents[1] / "mtool"
 # model <- convert/quantize/merge/vocab <- verify/artifacts <- release <- cli; the ground floor is shared helpers
 LAYER = {
     "errors": 0, "outputs": 0, "numerics": 0, "device": 0, "gguf_file": 0, "ggml": 0, "memory": 0, "data": 0,
-    "recipes": 0, "__init__": 0,
+    "recipes": 0, "__init__": 0, "dtypes": 0, "direct_write": 0,
     "model": 1,
     "convert": 2, "quantize": 2, "merge": 2, "vocab": 2,
     "verify": 3, "artifacts": 3,
     "release": 4,
     "cli": 5, "demo": 5, "inspect": 5, "tiny": 5, "__main__": 5,
 }
-# modules the CLI may import inside its commands: they pull in torch, and `mtool --help` must stay fast
-LOCAL_IMPORTS_ALLOWED = {"mtool.cli"}
+# modules that may import inside functions: the CLI's commands pull in torch, and `mtool --help` must
+# stay fast; artifacts builds GGUF files without torch and imports the GPTQ/AWQ/HF writers when used
+LOCAL_IMPORTS_ALLOWED = {"mtool.cli", "mtool.artifacts"}
 # writers and engines name no architecture: they read model.spec
 SPEC_READERS = ("convert/gguf_export.py", "convert/hf_export.py", "convert/gguf_requantize.py", "quantize",
                 "merge", "verify", "vocab")

@@ -45,7 +45,7 @@ def test_sharded_bf16_source(tmp_path):
     assert (src / "model.safetensors.index.json").is_file()
     reader = CheckpointReader(src)
     assert len({i.file for i in reader.iter_infos()}) >= 3
-    assert {i.dtype for i in reader.iter_infos()} == {torch.bfloat16}
+    assert {i.dtype.torch for i in reader.iter_infos()} == {torch.bfloat16}
     out = tmp_path / "m.gguf"
     export_gguf(load_canonical(src), out, outtype="bf16", progress=False)
     ids = hf_ids(src, builtin_text(), 128)

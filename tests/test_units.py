@@ -4,30 +4,91 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
+import pytest
 import torch
 
 from mtool.convert.gguf_types import Q, encode
+from mtool.dtypes import BF16, F32, as_dtype, to_storage
+from mtool.ggml import _numpy_convert, ggml
+from mtool.numerics import scan_storage, scan_values
 from mtool.verify.data import token_windows
 from mtool.verify.metrics import ParityAccumulator
 
 
-def test_q8_0_encoder_is_byte_identical_to_gguf_py():
+def _weights() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=g)
     w[3] = 0.0  # all-zero blocks
     w[5, :32] = torch.arange(32) * 0.5 - 8  # exact .5 ties after scaling
-    ours = encode(w, Q.Q8_0)
-    ref = gguf.quants.quantize(w.numpy(), Q.Q8_0)
+    w[7, :32] = torch.tensor([2.0 ** -20] * 31 + [1.0])  # values that round to zero
+    return w
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
+def test_legacy_quant_bytes_equal_gguf_py(qtype):
+    """libggml's legacy quantizers against gguf-py's numpy ones (what llama.cpp's converter uses for Q8_0),
+    from f32 and from bf16 storage."""
+    w = _weights()
+    ours = encode(w.numpy(), F32, qtype)
+    ref = gguf.quants.quantize(w.numpy(), qtype)
     assert ours.dtype == ref.dtype and ours.shape == ref.shape
     np.testing.assert_array_equal(ours, ref)
+    wb = w.bfloat16()
+    ours_bf16 = encode(wb.view(torch.int16).numpy().view(np.uint16), BF16, qtype)
+    np.testing.assert_array_equal(ours_bf16, gguf.quants.quantize(wb.float().numpy(), qtype))
 
 
-def test_bf16_and_f16_encoders_round_trip():
-    w = torch.randn(8, 64)
-    assert np.array_equal(encode(w, Q.F16), w.half().numpy())
-    bf = encode(w, Q.BF16)
-    back = gguf.quants.dequantize(bf.view(np.uint8), Q.BF16).reshape(8, 64)
-    np.testing.assert_array_equal(back, w.bfloat16().float().numpy())
+def _special_f32() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(5000).astype(np.float32) * np.float32(10.0) ** rng.integers(-8, 6, 5000),
+        np.array([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 6e-8, 3e-8, 1e-45, 2.0 ** -24, 2.0 ** -25,
+                  1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, np.inf, -np.inf],
+                 dtype=np.float32),
+    ])
+    return x.astype(np.float32)  # odd length: the converters' vector loops and scalar tails both run
+
+
+def test_float_converters_round_like_torch_and_numpy():
+    """libggml-cpu's converters (and the numpy fallback) against numpy's and torch's RNE casts,
+    with ties, subnormals, overflow and infinities."""
+    g = ggml()
+    x = _special_f32()
+    xt = torch.from_numpy(x)
+    want = {
+        ("float32", "bfloat16"): xt.bfloat16().view(torch.int16).numpy().view(np.uint16),
+    }
+    bf = want[("float32", "bfloat16")]
+    want[("bfloat16", "float32")] = torch.from_numpy(bf.view(np.int16)).view(torch.bfloat16).float().numpy()
+    with np.errstate(over="ignore"):  # 1e6 -> inf, as intended
+        want[("bfloat16", "float16")] = want[("bfloat16", "float32")].astype(np.float16)
+        want[("float32", "float16")] = x.astype(np.float16)
+    f16 = want[("float32", "float16")]
+    want[("float16", "float32")] = f16.astype(np.float32)
+    src = {"float32": x, "float16": f16, "bfloat16": bf}
+    for (a, b), expect in want.items():
+        for got in (g.convert(src[a], a, b), _numpy_convert(src[a], a, b) if "float32" in (a, b) else None):
+            if got is None:
+                continue
+            assert got.dtype == expect.dtype, (a, b)
+            np.testing.assert_array_equal(got.view(np.uint8), expect.view(np.uint8), err_msg=f"{a} -> {b}")
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_scan_storage_agrees_with_torch(name):
+    """The bit-pattern scan (finite?, max |x|) of numpy storage against torch's aminmax scan."""
+    dt = as_dtype(name)
+    rng = np.random.default_rng(1)
+    base = torch.from_numpy(rng.standard_normal(3 * (1 << 20) + 7).astype(np.float32) * 100).to(dt.torch)
+    for poison in (None, float("nan"), float("inf"), float("-inf"), -70000.0):
+        t = base.clone()
+        if poison is not None:
+            t[(1 << 20) + 3] = poison  # in the second chunk
+        finite, amax = scan_storage(to_storage(t, dt), dt)
+        t_finite, t_amax = scan_values(t)
+        assert finite == t_finite, (name, poison)
+        if finite:
+            assert amax == t_amax, (name, poison)
 
 
 def test_metrics_against_torch():

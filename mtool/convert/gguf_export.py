@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
+from ..dtypes import FLOATS, DType, as_dtype, to_storage
 from ..errors import InputError, MtoolError, UsageError
 from ..model import experts
 from ..model.canonical import CanonicalModel, LazyTensor, rope_settings
@@ -50,13 +51,13 @@ class PlannedTensor:
         return len(self.shape) == len(self.parts[0].shape) + 1
 
 
-def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half row order -> llama.cpp's interleaved pairs (inverse of HF's conversion permute)."""
     rows = w.shape[0]
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _transform(model: CanonicalModel, name: str, t: torch.Tensor) -> torch.Tensor:
+def _transform(model: CanonicalModel, name: str, t: np.ndarray) -> np.ndarray:
     if not model.spec.permute_qk:
         return t
     if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
@@ -95,7 +96,7 @@ def plan_tensors(model: CanonicalModel, outtype: str,
     freqs = llama3_rope_factors(model)
     if freqs is not None:  # llama.cpp's converter writes it before the model's tensors
         planned.insert(0, PlannedTensor(ROPE_FREQS, tuple(freqs.shape), Q.F32, 0,
-                                        [LazyTensor("rope_freqs", tuple(freqs.shape), torch.float32, lambda: freqs)]))
+                                        [LazyTensor("rope_freqs", tuple(freqs.shape), "float32", lambda: freqs)]))
     notes = []
     for p in planned:
         if p.gguf_name in stacks:
@@ -123,13 +124,15 @@ def plan_tensors(model: CanonicalModel, outtype: str,
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 
-def llama3_rope_factors(model: CanonicalModel) -> torch.Tensor | None:
+def llama3_rope_factors(model: CanonicalModel):
     """Llama 3 rope scaling (`rope_type: llama3`) as llama.cpp expects it: no metadata, a
     `rope_freqs` tensor of per-frequency divisors, computed exactly as its converter does
     (conversion/llama.py, generate_extra_tensors), so the files are the same."""
     theta, scaling = rope_settings(model.config)
     if not scaling or str(scaling.get("rope_type", scaling.get("type", ""))).lower() != "llama3":
         return None
+    import torch  # float32 arithmetic exactly as the converter's, op for op
+
     dim = model.head_dim
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor = scaling.get("factor", 8.0)
@@ -146,7 +149,7 @@ def llama3_rope_factors(model: CanonicalModel) -> torch.Tensor | None:
         else:
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(out, dtype=torch.float32)
+    return torch.tensor(out, dtype=torch.float32)  # a torch tensor: the LazyTensor's load()
 
 
 @lru_cache(maxsize=8)
@@ -209,30 +212,44 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, libggml: bool = False, imp=None):
-    t = lt.load()
-    if tuple(t.shape) != lt.shape:
-        raise MtoolError(f"tensor {lt.name}: read shape {list(t.shape)}, header said {list(lt.shape)}")
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise MtoolError(f"tensor {lt.name} has dtype {t.dtype}; only f32/f16/bf16 sources are supported")
-    amax = check_finite(t, lt.name)
+def _read(lt: LazyTensor) -> tuple[np.ndarray, DType]:
+    """A canonical tensor's values as numpy storage: through its torch-free reader when it has one."""
+    dtype = lt.dtype
+    if lt.array is not None:
+        a = lt.array()
+        if a.dtype != dtype.np_storage:
+            raise MtoolError(f"tensor {lt.name}: read {a.dtype} values, expected {dtype}")
+    else:
+        t = lt.load()
+        dtype = as_dtype(t.dtype)
+        a = to_storage(t, dtype) if dtype in FLOATS else None
+    if dtype not in FLOATS:
+        raise MtoolError(f"tensor {lt.name} has dtype {dtype}; only f32/f16/bf16 sources are supported")
+    if tuple(a.shape) != lt.shape:
+        raise MtoolError(f"tensor {lt.name}: read shape {list(a.shape)}, header said {list(lt.shape)}")
+    return a, dtype
+
+
+def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, imp=None) -> np.ndarray:
+    a, dtype = _read(lt)
+    amax = check_finite(a, lt.name, dtype)
     if qtype == Q.F16 and amax > F16_MAX:
         raise InputError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
-    return encode(_transform(model, lt.name, t), qtype, libggml=libggml, name=lt.name, imatrix=imp)
+    return encode(_transform(model, lt.name, a), dtype, qtype, name=lt.name, imatrix=imp)
 
 
-def _prepare(model: CanonicalModel, p: PlannedTensor, libggml: bool = False, imp: np.ndarray | None = None):
+def _prepare(model: CanonicalModel, p: PlannedTensor, imp: np.ndarray | None = None):
     """Read, check, transform and encode one GGUF tensor (runs in a worker thread).
 
     Stacked expert tensors are encoded part by part into their slice of the output, so
     only one expert's source is in memory beside the output."""
     if not p.stacked:
-        return _prepare_part(model, p.parts[0], p.qtype, libggml, imp)
+        return _prepare_part(model, p.parts[0], p.qtype, imp)
     shape, dtype = writer_shape_dtype(p.shape, p.qtype)
     out = np.empty(shape, dtype=dtype)
     n = p.shape[-1]
     for i, part in enumerate(p.parts):  # each expert quantized with its own slice of importances
-        out[i] = _prepare_part(model, part, p.qtype, libggml, None if imp is None else imp[i * n : (i + 1) * n])
+        out[i] = _prepare_part(model, part, p.qtype, None if imp is None else imp[i * n : (i + 1) * n])
     return out
 
 
@@ -285,12 +302,14 @@ def export_gguf(
             add_imatrix_metadata(w, imatrix)
         tensor_data = write_header(w, [(p.gguf_name, p.shape, p.qtype) for p in planned])
         bar = progress_bar(total_out, progress)
-        # Tensors are read, checked and encoded by worker threads (each torch op on one core)
-        # while the main thread writes, in order, what they finished: on small machines the
-        # write and the encoding then share the cores instead of taking turns.
+        # Tensors are read, checked and encoded by worker threads (numpy and libggml release
+        # the GIL) while the main thread writes, in order, what they finished: on small
+        # machines the write and the encoding then share the cores instead of taking turns.
         n_workers = max(1, min(PREPARE_WORKERS, os.cpu_count() or 1))
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, torch_threads // n_workers))
+        torch = sys.modules.get("torch")  # imported only when a tensor needs arithmetic (TeleChat muP, .bin)
+        torch_threads = torch.get_num_threads() if torch else 0
+        if torch:
+            torch.set_num_threads(max(1, torch_threads // n_workers))
         try:
             with tensor_data, ThreadPoolExecutor(max_workers=n_workers) as pool:
                 # Work is queued ahead while it fits a byte budget, so a model with huge
@@ -305,8 +324,7 @@ def export_gguf(
                     while todo and len(ahead) <= n_workers and (not ahead or inflight + todo[0].nbytes <= budget):
                         p = todo.popleft()
                         inflight += p.nbytes
-                        ahead.append((p, pool.submit(_prepare, model, p, OUTTYPES[outtype].mixture,
-                                                     imps.get(p.gguf_name))))
+                        ahead.append((p, pool.submit(_prepare, model, p, imps.get(p.gguf_name))))
 
                 fill()
                 while ahead:
@@ -319,7 +337,8 @@ def export_gguf(
                     if bar:
                         bar.update(p.nbytes)
         finally:
-            torch.set_num_threads(torch_threads)
+            if torch:
+                torch.set_num_threads(torch_threads)
         if bar:
             bar.close()
         files = commit_gguf(tmp, out, old_shards, force)

@@ -4,7 +4,8 @@ All metadata and the vocabulary are copied; `general.file_type` and the quantiza
 set; each tensor gets the type llama.cpp's policy chooses (quant_policy.py) and libggml's bytes
 (mtool.ggml), so the result equals `llama_model_quantize`'s and mtool's one-pass file. Quantized
 inputs are refused: re-quantizing quantized weights silently compounds the error. Tensors are
-read from the mapped input one at a time; memory stays at about one tensor.
+read with pread one at a time; memory stays at about one tensor. No torch: values go from the
+file's storage through libggml's converters and quantizers.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ..dtypes import BF16, F16, F32, DType
 from ..errors import InputError, UsageError
 from ..gguf_file import open_gguf
+from ..numerics import scan_storage
 from ..outputs import check_output_path, output_transaction
 from .gguf_write import GGUFResult, commit_gguf, progress_bar, shard_paths, type_counts, write_header
 from .gguf_types import encode, encoded_nbytes
@@ -45,31 +48,30 @@ def input_shards(path: Path) -> list[Path]:
     return shards
 
 
-_TORCH_DTYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
+_DTYPES = {Q.F32: F32, Q.F16: F16, Q.BF16: BF16}
 
 
-def _load(fd: int, t, qtype: Q, src: Path):
-    """One tensor's bytes (kept as they are when its type stays), or its values as a float32
-    torch tensor [rows, cols] checked for NaN/Inf (torch converts bf16/f16 on all cores)."""
-    import torch
-
+def _load(fd: int, t, qtype: Q, src: Path) -> tuple[np.ndarray, DType | None]:
+    """One tensor's bytes (kept as they are when its type stays: dtype None), or its values as
+    numpy storage of its float type, checked for NaN/Inf."""
     buf = np.empty(int(t.n_bytes), dtype=np.uint8)
     if os.preadv(fd, [buf], int(t.data_offset)) != buf.nbytes:
         raise InputError(f"{src} is truncated: tensor {t.name} ends past the end of the file")
     if qtype == t.tensor_type:
-        return buf  # norms, router: copied as they are
-    x = torch.from_numpy(buf).view(getattr(torch, _TORCH_DTYPES[t.tensor_type])).to(torch.float32)
-    if not torch.isfinite(x).all():
+        return buf, None  # norms, router: copied as they are
+    dtype = _DTYPES[t.tensor_type]
+    a = buf.view(dtype.np_storage)
+    if not scan_storage(a, dtype)[0]:
         raise InputError(f"tensor {t.name} of {src} contains NaN or Inf values")
-    return x
+    return a, dtype
 
 
-def _encode(x, qtype: Q, name: str, imp: np.ndarray | None) -> np.ndarray:
+def _encode(x: np.ndarray, dtype: DType, qtype: Q, name: str, imp: np.ndarray | None) -> np.ndarray:
     """libggml's bytes; a 3-D expert tensor is quantized expert by expert with its own importances."""
-    if imp is None or x.dim() < 3:
-        return encode(x, qtype, libggml=True, name=name, imatrix=imp)
+    if imp is None or x.ndim < 3:
+        return encode(x, dtype, qtype, name=name, imatrix=imp)
     n = x.shape[-1]
-    return np.stack([encode(x[e], qtype, libggml=True, name=name, imatrix=imp[e * n : (e + 1) * n])
+    return np.stack([encode(x[e], dtype, qtype, name=name, imatrix=imp[e * n : (e + 1) * n])
                      for e in range(x.shape[0])])
 
 
@@ -133,10 +135,10 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
                 items = [(fds[shard], t, plan.types[t.name]) for shard, r in zip(shards, readers) for t in r.tensors]
                 nxt = reader.submit(_load, *items[0], src) if items else None
                 for k, (_, t, qtype) in enumerate(items):
-                    data = nxt.result()
+                    data, dtype = nxt.result()
                     nxt = reader.submit(_load, *items[k + 1], src) if k + 1 < len(items) else None
-                    if qtype != t.tensor_type:
-                        data = _encode(data.reshape(shapes[t.name]), qtype, t.name, imps.get(t.name))
+                    if dtype is not None:
+                        data = _encode(data.reshape(shapes[t.name]), dtype, qtype, t.name, imps.get(t.name))
                     tensor_data.write(data)
                     del data
                     if bar:

@@ -1,9 +1,10 @@
-"""GGUF output types: which GGML type each tensor gets, and how a torch tensor is encoded.
+"""GGUF output types: which GGML type each tensor gets, and how a tensor's values are encoded.
 
-Quantization itself is gguf-py's (`gguf.quants`), except Q8_0, the most used type, which
-is written here with torch ops (multi-threaded; gguf-py's numpy version is single-threaded
-and was the bottleneck). It follows gguf-py's Q8_0 arithmetic step for step (f32 amax/127,
-round half away from zero, f16 scale), and a test checks it is byte-identical.
+Every encoding is libggml's (mtool.ggml): its float converters and `ggml_quantize_chunk`,
+the code llama.cpp itself runs, over numpy storage a chunk of rows at a time (float32
+scratch stays a few MB whatever the tensor). The legacy types' bytes are the same as
+gguf-py's (`gguf.quants`, which llama.cpp's converter uses for Q8_0): the tests compare them.
+No torch here: the float and q8_0 conversions run without importing it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from math import prod
 
 import gguf
 import numpy as np
-import torch
 
+from ..dtypes import DType
 from ..ggml import ggml
-from ..numerics import CHUNK_ELEMENTS
-from .quant_policy import FLOAT_TYPES, KQUANTS
+from .quant_policy import KQUANTS
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -91,45 +91,27 @@ def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...
     return gguf.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
 
 
+_FLOAT_NAMES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
+QUANT_CHUNK_ELEMENTS = 4 << 20  # values per libggml call: 16 MB of float32 scratch
 
 
-def _q8_0_torch(t: torch.Tensor) -> np.ndarray:
-    blocks = t.to(torch.float32).reshape(-1, 32)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    x = blocks * inv
-    # np_roundf (half away from zero): add +-0.5, then the int8 cast truncates toward zero
-    qs = (x + torch.copysign(torch.tensor(0.5), x)).to(torch.int8)
-    return torch.cat([d.to(torch.float16).view(torch.uint8), qs.view(torch.uint8)], dim=1).numpy()
-
-
-def _encode_rows(t: torch.Tensor, qtype: Q) -> np.ndarray:
-    if qtype == Q.Q8_0:
-        return _q8_0_torch(t)
-    return gguf.quants.quantize(t.to(torch.float32).numpy(), qtype)
-
-
-def encode(t: torch.Tensor, qtype: Q, *, libggml: bool = False, name: str = "tensor",
+def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor",
            imatrix: np.ndarray | None = None) -> np.ndarray:
-    """Encode a float tensor as `qtype`; returns the bytes GGUF stores (as a numpy array).
-
-    With `libggml` every quantized type is made by libggml's own kernels (the K-/I-quant files,
-    whose fallback types must match llama-quantize byte for byte too); `imatrix` then holds one
-    importance per column."""
-    t = t.contiguous()
-    if libggml and qtype not in FLOAT_TYPES:
-        rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()
-        out = ggml().quantize(rows, int(qtype), imatrix, name=name)
-        return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
-    if qtype == Q.F32:
-        return t.to(torch.float32).numpy()
-    if qtype == Q.F16:
-        return t.to(torch.float16).numpy()
-    if qtype == Q.BF16:
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    rows = t.reshape(-1, t.shape[-1])
-    out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
-    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    """Encode `a` (numpy storage of an f32/f16/bf16 tensor, see mtool.dtypes) as `qtype`;
+    returns the bytes GGUF stores. `imatrix`: one importance per column (quantized types)."""
+    a = np.ascontiguousarray(a)
+    g = ggml()
+    if qtype in _FLOAT_NAMES:
+        if dtype.name == _FLOAT_NAMES[qtype]:
+            return a
+        return g.convert(a, dtype.name, _FLOAT_NAMES[qtype])
+    n = int(a.shape[-1])
+    rows = a.reshape(-1, n)
+    out = np.empty((rows.shape[0], g.row_size(int(qtype), n)), dtype=np.uint8)
+    step = max(1, QUANT_CHUNK_ELEMENTS // n)
+    scratch = np.empty((min(step, rows.shape[0]), n), dtype=np.float32)
     for r in range(0, rows.shape[0], step):
-        out[r : r + step] = _encode_rows(rows[r : r + step], qtype).reshape(-1, out.shape[1])
-    return out.reshape(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
+        chunk = rows[r : r + step]
+        f32 = chunk if dtype.name == "float32" else g.convert(chunk, dtype.name, "float32", scratch[: len(chunk)])
+        out[r : r + step] = g.quantize(f32, int(qtype), imatrix, name=name)
+    return out.reshape(gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype))

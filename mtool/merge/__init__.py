@@ -252,7 +252,7 @@ def plan_merge(spec: MergeSpec) -> tuple[list[LazyTensor], dict, Path, list[str]
     for index, (name, t0) in enumerate(sources[0].tensors.items()):
         rule = next((f for rx, f in compiled if rx.search(name)), {})
         w = [float(x) for x in rule.get("weights", weights)]
-        dtype = out_dtype or t0.dtype
+        dtype = out_dtype or t0.dtype.torch
         if t0.synthetic and all(s.tensors[name].synthetic for s in sources):
             tensors.append(LazyTensor(name, t0.shape, dtype, lambda t0=t0, dtype=dtype: t0.load().to(dtype), synthetic=True))
             continue

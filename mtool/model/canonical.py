@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from ..dtypes import DType, as_dtype, to_torch
 from ..errors import MtoolError
 from . import experts
 from .arch import ATTENTION, DENSE_MLP, ArchSpec
@@ -22,13 +23,21 @@ from .arch import ATTENTION, DENSE_MLP, ArchSpec
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """One canonical tensor; `load` reads and transforms it on demand."""
+    """One canonical tensor; `load` reads and transforms it on demand (a torch tensor).
+
+    `array`, where the tensor is stored bytes read as they are (no arithmetic), reads the same
+    values as numpy storage without importing torch (see mtool.dtypes); the GGUF writer uses
+    it. `dtype` may be given as a torch dtype; it is held as a DType."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    load: Callable[[], torch.Tensor]
+    dtype: DType
+    load: Callable  # () -> torch.Tensor
     synthetic: bool = False  # all zeros, made to fit the canonical form (writers may omit it)
+    array: Callable[[], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
 
     @property
     def numel(self) -> int:
@@ -143,9 +152,30 @@ def head_dim(cfg: dict) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
-def zeros(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> LazyTensor:
+def zeros(name: str, shape: tuple[int, ...], dtype) -> LazyTensor:
     """A canonical tensor the source does not have (e.g. TeleChat's absent q/k/v biases)."""
-    return LazyTensor(name, shape, dtype, lambda: torch.zeros(shape, dtype=dtype), synthetic=True)
+    dt = as_dtype(dtype)
+
+    def load():
+        import torch
+
+        return torch.zeros(shape, dtype=dt.torch)
+
+    return LazyTensor(name, shape, dt, load, synthetic=True, array=lambda: np.zeros(shape, dt.np_storage))
+
+
+def rearranged(name: str, shape: tuple[int, ...], dtype, array: Callable[[], np.ndarray]) -> LazyTensor:
+    """A canonical tensor made from stored values by moving them only (slices, transposes,
+    reshapes: no arithmetic), written once over numpy storage; the torch view comes from it."""
+    dt = as_dtype(dtype)
+    return LazyTensor(name, tuple(shape), dt, lambda: to_torch(array(), dt), array=array)
+
+
+def stored(reader, name: str, canonical: str | None = None) -> LazyTensor:
+    """A canonical tensor that is a stored tensor as it is (named `canonical` if renamed)."""
+    info = reader.info(name)
+    return LazyTensor(canonical or name, tuple(info.shape), info.dtype, lambda: reader.load(name),
+                      array=lambda: reader.load_array(name))
 
 
 def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:

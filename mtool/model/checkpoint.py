@@ -21,19 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import torch
+import numpy as np
 
+from ..direct_write import SequentialWriter
+from ..dtypes import BY_CODE, FLOATS, DType, as_dtype, to_storage, to_torch
 from ..errors import InputError, MtoolError, UsageError
 from ..numerics import check_finite
 from ..outputs import commit_dir, output_transaction
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-_ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+SUPPORTED_DTYPES = FLOATS
 
 
 @dataclass(frozen=True)
@@ -42,7 +38,7 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     file: Path
     offset: int = -1  # absolute byte offset of the data in a safetensors file; -1 for .bin
 
@@ -108,9 +104,9 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and o >= 0 for o in offs)
                 and offs[0] <= offs[1]):
             raise InputError(f"{path}: tensor {name} has invalid data_offsets {offs!r}")
-        if meta["dtype"] not in _ST_DTYPES:
+        if meta["dtype"] not in BY_CODE:
             raise InputError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-        need = _ST_DTYPES[meta["dtype"]].itemsize
+        need = BY_CODE[meta["dtype"]].itemsize
         for d in shape:
             need *= d
         if offs[1] - offs[0] != need:
@@ -160,7 +156,7 @@ class CheckpointReader:
             raise MtoolError(f"{self.path} has no config.json; is it a Hugging Face model directory?")
         self.config: dict = read_json(cfg)
         self._index: dict[str, TensorInfo] = {}
-        self._bin_cache: dict[Path, Mapping[str, torch.Tensor]] = {}
+        self._bin_cache: dict[Path, Mapping] = {}  # path -> state dict of torch tensors
         self._build_index()
 
     # -- index -----------------------------------------------------------------
@@ -189,7 +185,7 @@ class CheckpointReader:
             for name, meta in header.items():
                 if name in self._index:
                     raise InputError(f"tensor {name} is stored twice: in {self._index[name].file.name} and {f.name}")
-                info = TensorInfo(name, tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]], f, base + meta["data_offsets"][0])
+                info = TensorInfo(name, tuple(meta["shape"]), BY_CODE[meta["dtype"]], f, base + meta["data_offsets"][0])
                 self._index[name] = info
         if declared:
             missing = [n for n in declared if n not in self._index]
@@ -202,11 +198,13 @@ class CheckpointReader:
                 raise MtoolError(f"shard {f} named in the index is missing")
             sd = self._load_bin(f)
             for name, t in sd.items():
-                self._index[name] = TensorInfo(name, tuple(t.shape), t.dtype, f)
+                self._index[name] = TensorInfo(name, tuple(t.shape), as_dtype(t.dtype), f)
 
-    def _load_bin(self, f: Path) -> Mapping[str, torch.Tensor]:
+    def _load_bin(self, f: Path) -> Mapping:
         if f not in self._bin_cache:
             import zipfile
+
+            import torch
 
             # zip archives (torch >= 1.6) are mapped: data stays on disk until a tensor is touched.
             # Legacy (pre-1.6, non-zip) archives cannot be mapped and are read whole, one shard at
@@ -240,38 +238,57 @@ class CheckpointReader:
         except KeyError:
             raise MtoolError(f"tensor {name} not found in {self.path}") from None
 
-    def load(self, name: str) -> torch.Tensor:
-        """Read one tensor (a private copy, safe to keep after the call)."""
+    def load(self, name: str):
+        """Read one tensor as a torch tensor (a private copy, safe to keep after the call)."""
         info = self.info(name)
         if info.offset < 0:
             return self._load_bin(info.file)[name].clone()
-        t = torch.empty(info.shape, dtype=info.dtype)
-        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
-        with open(info.file, "rb", buffering=0) as fh:
-            fh.seek(info.offset)
-            got = fh.readinto(buf) if info.nbytes else 0
-        if got != info.nbytes:
-            raise MtoolError(f"cannot read {name} from {info.file}: file ended after {got} of {info.nbytes} bytes")
-        return t
+        return to_torch(self.load_array(name), info.dtype)
 
-    def load_rows(self, name: str, start: int, count: int) -> torch.Tensor:
-        """Rows [start, start+count) of a tensor viewed as 2-D (leading dims flattened):
-        one expert of a fused [E, rows, cols] tensor, without reading the others."""
+    def load_array(self, name: str) -> np.ndarray:
+        """Read one tensor's stored values as numpy (bfloat16 as its uint16 bits; see mtool.dtypes),
+        without torch for safetensors files."""
         info = self.info(name)
-        row_shape = info.shape[-1:]
+        if info.offset < 0:
+            return to_storage(self._load_bin(info.file)[name], info.dtype).copy()
+        return self._read(info, info.shape, 0)
+
+    def load_rows(self, name: str, start: int, count: int):
+        """Rows [start, start+count) of a tensor viewed as 2-D (leading dims flattened):
+        one expert of a fused [E, rows, cols] tensor, without reading the others (torch)."""
+        info = self.info(name)
+        if info.offset < 0:
+            self._check_rows(info, start, count)
+            return self._load_bin(info.file)[name].reshape(-1, *info.shape[-1:])[start : start + count].clone()
+        return to_torch(self.load_rows_array(name, start, count), info.dtype)
+
+    def load_rows_array(self, name: str, start: int, count: int) -> np.ndarray:
+        """`load_rows` as numpy storage (see `load_array`)."""
+        info = self.info(name)
+        self._check_rows(info, start, count)
+        if info.offset < 0:
+            t = self._load_bin(info.file)[name].reshape(-1, *info.shape[-1:])[start : start + count]
+            return to_storage(t, info.dtype).copy()
+        return self._read(info, (count, *info.shape[-1:]), start * info.shape[-1] * info.dtype.itemsize)
+
+    @staticmethod
+    def _check_rows(info: TensorInfo, start: int, count: int) -> None:
         n_rows = info.nbytes // max(1, info.dtype.itemsize * info.shape[-1])
         if start < 0 or start + count > n_rows:
-            raise MtoolError(f"rows {start}..{start + count} are outside {name} ({n_rows} rows)")
-        if info.offset < 0:
-            return self._load_bin(info.file)[name].reshape(-1, *row_shape)[start : start + count].clone()
-        t = torch.empty((count, *row_shape), dtype=info.dtype)
-        row_bytes = info.shape[-1] * info.dtype.itemsize
-        with open(info.file, "rb", buffering=0) as fh:
-            fh.seek(info.offset + start * row_bytes)
-            got = fh.readinto(t.view(-1).view(torch.uint8).numpy())
-        if got != count * row_bytes:
-            raise MtoolError(f"cannot read {name} from {info.file}: file ended early")
-        return t
+            raise MtoolError(f"rows {start}..{start + count} are outside {info.name} ({n_rows} rows)")
+
+    @staticmethod
+    def _read(info: TensorInfo, shape: tuple[int, ...], skip: int) -> np.ndarray:
+        out = np.empty(shape, dtype=info.dtype.np_storage)
+        want = out.nbytes
+        got = 0
+        if want:
+            with open(info.file, "rb", buffering=0) as fh:
+                fh.seek(info.offset + skip)
+                got = fh.readinto(out.reshape(-1).view(np.uint8))
+        if got != want:
+            raise MtoolError(f"cannot read {info.name} from {info.file}: file ended after {got} of {want} bytes")
+        return out
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._index.values())
@@ -306,17 +323,14 @@ def parse_size(text: str | int | None) -> int:
     return int(value)
 
 
-_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
 class TensorSource(Protocol):
     """What the writer needs of a tensor: canonical LazyTensors satisfy it."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType  # or a torch.dtype
 
-    def load(self) -> torch.Tensor: ...
+    def load(self): ...  # -> torch.Tensor
 
 
 def _nbytes(t: TensorSource) -> int:
@@ -339,11 +353,11 @@ def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor:
     offset = 0
     for t in tensors:
         n = _nbytes(t)
-        header[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[t.name] = {"dtype": as_dtype(t.dtype).code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
+    with SequentialWriter(path) as fh, ThreadPoolExecutor(max_workers=1) as pool:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         # the next tensor is read (or computed: merges, transforms) while this one is written
@@ -351,12 +365,12 @@ def write_safetensors_stream(path: Path, tensors: list[TensorSource], on_tensor:
         for i, t in enumerate(tensors):
             data = pending.result()
             pending = pool.submit(tensors[i + 1].load) if i + 1 < len(tensors) else None
-            if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
+            if tuple(data.shape) != tuple(t.shape) or as_dtype(t.dtype) != data.dtype:
                 raise MtoolError(f"tensor {t.name}: produced {list(data.shape)} {data.dtype}, planned {list(t.shape)} {t.dtype}")
             if data.is_floating_point():
                 check_finite(data, t.name)
             if data.numel():
-                fh.write(data.contiguous().view(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+                fh.write(to_storage(data, as_dtype(t.dtype)))  # buffer protocol: no copy
             if on_tensor:
                 on_tensor(_nbytes(t))
             del data

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 
 import gguf
-import torch
 
 ROUTER = "block_sparse_moe.gate"
 FUSED_ROUTER = "mlp.gate"
@@ -73,8 +72,10 @@ def fused_rows(e: int, w: str, n_ff: int, hidden: int) -> tuple[str, int, int]:
     return FUSED_GATE_UP, e * 2 * n_ff + (n_ff if w == "w3" else 0), n_ff
 
 
-def to_fused(sd: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """A layer's canonical state dict -> the fused parameters of transformers' MoE module."""
+def to_fused(sd: dict, n_experts: int) -> dict:
+    """A layer's canonical state dict -> the fused parameters of transformers' MoE module (torch tensors)."""
+    import torch
+
     sd = dict(sd)
     sd[FUSED_GATE_UP] = torch.stack([torch.cat([sd.pop(legacy(e, "w1") + ".weight"), sd.pop(legacy(e, "w3") + ".weight")])
                                      for e in range(n_experts)])
@@ -89,10 +90,10 @@ class FusedView:
     def __init__(self, layer, n_ff: int):
         self.gate_up, self.down, self.f = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj, n_ff
 
-    def get(self, e: int, w: str) -> torch.Tensor:
+    def get(self, e: int, w: str):  # -> torch.Tensor
         return {"w1": self.gate_up.data[e, : self.f], "w3": self.gate_up.data[e, self.f :], "w2": self.down.data[e]}[w]
 
-    def set(self, e: int, w: str, value: torch.Tensor) -> None:
+    def set(self, e: int, w: str, value) -> None:
         self.get(e, w).copy_(value)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..arch import ATTENTION, COMMON_CONFIG, DENSE_MLP, ArchSpec, AwqMapping
 from ..canonical import (CanonicalModel, LazyTensor, bias_shapes, canonical_shapes, check_shapes, in_layer_order,
-                         normalize_config)
+                         normalize_config, stored)
 from ..checkpoint import CheckpointReader
 from ...errors import InputError
 from .. import experts
@@ -46,14 +46,15 @@ def _fused_experts(reader: CheckpointReader, spec: ArchSpec, cfg: dict) -> dict[
                 raise InputError(f"{reader.path}: MoE layer {i} lacks {p + short}")
             check_shapes({p + short: reader.info(p + short).shape}, {p + short: shape}, str(reader.path))
         router = p + experts.FUSED_ROUTER + ".weight"
-        out[f"{p}{experts.ROUTER}.weight"] = LazyTensor(f"{p}{experts.ROUTER}.weight", (n, h), reader.info(router).dtype,
-                                                        lambda n=router: reader.load(n))
+        out[f"{p}{experts.ROUTER}.weight"] = stored(reader, router, f"{p}{experts.ROUTER}.weight")
         for x in range(n):
             for w in ("w1", "w3", "w2"):
                 src, row0, rows = experts.fused_rows(x, w, f, h)
                 name = f"{p}{experts.legacy(x, w)}.weight"
+                span = dict(s=p + src, row0=row0, rows=rows)
                 out[name] = LazyTensor(name, (rows, h if w != "w2" else f), reader.info(p + src).dtype,
-                                       lambda s=p + src, row0=row0, rows=rows: reader.load_rows(s, row0, rows))
+                                       lambda span=span: reader.load_rows(*span.values()),
+                                       array=lambda span=span: reader.load_rows_array(*span.values()))
     return out
 
 
@@ -85,6 +86,5 @@ def adapt(reader: CheckpointReader, spec: ArchSpec = LLAMA) -> CanonicalModel:
         raise InputError(f"{where}: unexpected tensor {unknown[0]} for a {spec.hf_class} checkpoint "
                          f"({len(unknown)} unexpected)")
     names = in_layer_order(list(expected) + [n for n in optional if n in found], expected)
-    tensors = [lazy.get(n) or LazyTensor(n, tuple(found[n]), reader.info(n).dtype, (lambda n=n: reader.load(n)))
-               for n in names]
+    tensors = [lazy.get(n) or stored(reader, n) for n in names]
     return CanonicalModel(spec.name, spec, cfg, tensors, reader.path, reader.path)

@@ -15,21 +15,13 @@ input_mult; embeddings and lm_head are untied, so both factors fold exactly into
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
+import numpy as np
 
 from ..checkpoint import CheckpointReader
 from ...errors import MtoolError
 from ..canonical import (CanonicalModel, LazyTensor, bias_shapes, canonical_shapes, check_shapes, in_layer_order,
-                         head_dim, normalize_config, require, zeros)
+                         head_dim, normalize_config, rearranged, require, stored, zeros)
 from .llama import LLAMA
-
-Loader = Callable[[], torch.Tensor]
-
-
-def _lazy(name: str, shape: tuple[int, ...], dtype: torch.dtype, load: Loader) -> LazyTensor:
-    return LazyTensor(name, tuple(shape), dtype, load)
 
 
 def _kv_heads(cfg: dict) -> int:
@@ -100,9 +92,7 @@ def adapt_telechat(reader: CheckpointReader) -> CanonicalModel:
     found = {c: reader.info(s).shape for c, s in src_names.items()}
     check_shapes(found, {c: expected[c] for c in src_names}, where)
 
-    tensors: dict[str, LazyTensor] = {
-        c: _lazy(c, expected[c], reader.info(s).dtype, lambda s=s: reader.load(s)) for c, s in src_names.items()
-    }
+    tensors: dict[str, LazyTensor] = {c: stored(reader, s, c) for c, s in src_names.items()}
     for i in range(cfg["num_hidden_layers"]):
         kv_name, c = f"{pre}h.{i}.self_attention.key_value.weight", f"model.layers.{i}.self_attn"
         if kv_name not in reader:
@@ -110,9 +100,10 @@ def adapt_telechat(reader: CheckpointReader) -> CanonicalModel:
         _check_kv(reader, kv_name, cfg, where)
         kv_dt = reader.info(kv_name).dtype
         for which, part in (("k_proj", 0), ("v_proj", 1)):
-            tensors[f"{c}.{which}.weight"] = _lazy(
+            tensors[f"{c}.{which}.weight"] = rearranged(
                 f"{c}.{which}.weight", (nkv * d, hidden), kv_dt,
-                lambda n=kv_name, part=part: reader.load(n).reshape(nkv, 2, d, hidden)[:, part].reshape(nkv * d, hidden).clone(),
+                lambda n=kv_name, part=part: reader.load_array(n).reshape(nkv, 2, d, hidden)[:, part]
+                .reshape(nkv * d, hidden).copy(),
             )
     for name, shape in expected.items():
         if name not in tensors:
@@ -159,40 +150,44 @@ def adapt_telechat52b(reader: CheckpointReader) -> CanonicalModel:
     found = {n: reader.info(n).shape for n in needed if n in reader}
     check_shapes(found, needed, where)
 
-    def rows_of_t(name: str, start: int, count: int) -> Loader:
+    def rows_of_t(canonical: str, name: str, start: int, count: int) -> LazyTensor:
         # Conv1D [in, out] -> Linear [out, in], rows [start, start+count) of the transposed matrix
-        return lambda: reader.load(name)[:, start : start + count].t().contiguous()
+        return rearranged(canonical, (count, reader.info(name).shape[0]), reader.info(name).dtype,
+                          lambda: np.ascontiguousarray(reader.load_array(name)[:, start : start + count].T))
 
-    def scaled(name: str, factor: float) -> Loader:
-        dt = reader.info(name).dtype
+    def transposed(canonical: str, name: str) -> LazyTensor:
+        return rows_of_t(canonical, name, 0, reader.info(name).shape[1])
+
+    def scaled(canonical: str, name: str, factor: float) -> LazyTensor:
         if factor == 1.0:
-            return lambda: reader.load(name)
-        return lambda: (reader.load(name).to(torch.float32) * factor).to(dt)
+            return stored(reader, name, canonical)
+        dt = reader.info(name).dtype
 
-    dt = reader.info("transformer.wte.weight").dtype
-    t: list[LazyTensor] = [_lazy("model.embed_tokens.weight", (cfg["vocab_size"], hidden), dt,
-                                 scaled("transformer.wte.weight", in_mult))]
+        def load():  # arithmetic: computed in torch, rounded back to the stored type
+            import torch
+
+            return (reader.load(name).to(torch.float32) * factor).to(dt.torch)
+
+        return LazyTensor(canonical, reader.info(name).shape, dt, load)
+
+    t: list[LazyTensor] = [scaled("model.embed_tokens.weight", "transformer.wte.weight", in_mult)]
     for i in range(cfg["num_hidden_layers"]):
         s, c = f"transformer.h.{i}", f"model.layers.{i}"
         attn, fc = f"{s}.attn.c_attn.weight", f"{s}.mlp.c_fc.weight"
-        ldt = reader.info(attn).dtype
         t += [
-            _lazy(f"{c}.input_layernorm.weight", (hidden,), ldt, lambda n=f"{s}.ln_1.weight": reader.load(n)),
-            _lazy(f"{c}.self_attn.q_proj.weight", (nh * d, hidden), ldt, rows_of_t(attn, 0, nh * d)),
-            _lazy(f"{c}.self_attn.k_proj.weight", (nkv * d, hidden), ldt, rows_of_t(attn, nh * d, nkv * d)),
-            _lazy(f"{c}.self_attn.v_proj.weight", (nkv * d, hidden), ldt, rows_of_t(attn, (nh + nkv) * d, nkv * d)),
-            _lazy(f"{c}.self_attn.o_proj.weight", (hidden, nh * d), ldt,
-                  lambda n=f"{s}.attn.c_proj.weight": reader.load(n).t().contiguous()),
-            _lazy(f"{c}.post_attention_layernorm.weight", (hidden,), ldt, lambda n=f"{s}.ln_2.weight": reader.load(n)),
-            _lazy(f"{c}.mlp.gate_proj.weight", (f, hidden), ldt, rows_of_t(fc, 0, f)),
-            _lazy(f"{c}.mlp.up_proj.weight", (f, hidden), ldt, rows_of_t(fc, f, f)),
-            _lazy(f"{c}.mlp.down_proj.weight", (hidden, f), ldt,
-                  lambda n=f"{s}.mlp.c_proj.weight": reader.load(n).t().contiguous()),
+            stored(reader, f"{s}.ln_1.weight", f"{c}.input_layernorm.weight"),
+            rows_of_t(f"{c}.self_attn.q_proj.weight", attn, 0, nh * d),
+            rows_of_t(f"{c}.self_attn.k_proj.weight", attn, nh * d, nkv * d),
+            rows_of_t(f"{c}.self_attn.v_proj.weight", attn, (nh + nkv) * d, nkv * d),
+            transposed(f"{c}.self_attn.o_proj.weight", f"{s}.attn.c_proj.weight"),
+            stored(reader, f"{s}.ln_2.weight", f"{c}.post_attention_layernorm.weight"),
+            rows_of_t(f"{c}.mlp.gate_proj.weight", fc, 0, f),
+            rows_of_t(f"{c}.mlp.up_proj.weight", fc, f, f),
+            transposed(f"{c}.mlp.down_proj.weight", f"{s}.mlp.c_proj.weight"),
         ]
-    t.append(_lazy("model.norm.weight", (hidden,), dt, lambda: reader.load("transformer.ln_f.weight")))
+    t.append(stored(reader, "transformer.ln_f.weight", "model.norm.weight"))
     if not cfg["tie_word_embeddings"]:
-        t.append(_lazy("lm_head.weight", (cfg["vocab_size"], hidden), reader.info("lm_head.weight").dtype,
-                       scaled("lm_head.weight", out_mult)))
+        t.append(scaled("lm_head.weight", "lm_head.weight", out_mult))
     notes = []
     if (in_mult, out_mult) != (1.0, 1.0):
         notes.append(f"muP folded: embeddings x {in_mult:g}, lm_head x {out_mult:g}")
