@@ -55,11 +55,13 @@ def library_dir() -> Path:
     env = os.environ.get("LLAMA_CPP_LIB_PATH")
     if env:
         return Path(env)
-    try:
-        import llama_cpp
-    except ImportError:
-        raise MtoolError("llama-cpp-python is not installed; its libggml quantizes K- and I-quants") from None
-    return Path(llama_cpp.__file__).parent / "lib"
+    import importlib.util
+
+    # located, not imported: importing llama_cpp (0.2 s) would load libllama, which is not needed here
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise MtoolError("llama-cpp-python is not installed; mtool encodes GGUF tensors with its libggml")
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
 def _find_library(folder: Path) -> Path:

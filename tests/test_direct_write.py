@@ -119,3 +119,46 @@ def test_tensor_data_checks_sizes_and_count(tmp_path):
     data.write(np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="1 announced tensor"):
         data.close()
+
+
+def _metadata(w: gguf.GGUFWriter) -> None:
+    rng = np.random.default_rng(2)
+    w.add_name("中文 model")
+    w.add_token_list(["<s>", "▁中", "文", "\n", "", "a b"] * 50)
+    w.add_token_scores([float(x) for x in rng.standard_normal(300)])
+    w.add_token_types([int(x) for x in rng.integers(1, 6, 300)])
+    w.add_token_merges(["▁ t", "h e"] * 10)
+    w.add_array("test.uint32", [1, 2, 3])
+    w.add_array("test.bools", [True, False, True])
+    w.add_array("test.floats", [0.5, -1.25, 3.0])
+    w.add_array("test.bytes", [b"ab", b"\xff"])
+    w.add_array("test.one", ["only"])
+    w.add_key_value("test.u32s", [7, 8, 4294967295], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+
+
+def test_fast_metadata_packing_is_byte_identical_to_gguf_py(tmp_path):
+    from mtool.convert.gguf_write import new_writer
+
+    files = {}
+    for label, make in (("ours", new_writer), ("theirs", gguf.GGUFWriter)):
+        path = tmp_path / f"{label}.gguf"
+        w = make(path, "llama")
+        _metadata(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        files[label] = path.read_bytes()
+    assert files["ours"] == files["theirs"]
+    r = gguf.GGUFReader(tmp_path / "ours.gguf")
+    assert r.fields["tokenizer.ggml.tokens"].contents()[:3] == ["<s>", "▁中", "文"]
+
+
+def test_fast_metadata_packing_refuses_what_gguf_py_refuses(tmp_path):
+    from mtool.convert.gguf_write import new_writer
+
+    w = new_writer(tmp_path / "x.gguf", "llama")
+    w.add_array("test.mixed", [1, "two", 3.0])
+    with pytest.raises(ValueError, match="same type"):
+        w.write_header_to_file()
+        w.write_kv_data_to_file()

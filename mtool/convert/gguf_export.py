@@ -28,7 +28,7 @@ from ..numerics import F16_MAX, check_finite
 from ..outputs import check_output_path, output_transaction
 from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
 from .gguf_vocab import apply_recipe, build_vocab
-from .gguf_write import GGUFResult, commit_gguf, progress_bar, shard_paths, type_counts, write_header
+from .gguf_write import GGUFResult, commit_gguf, new_writer, progress_bar, shard_paths, type_counts, write_header
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import KQUANTS, MixtureOptions, plan_mixture
 
@@ -293,7 +293,7 @@ def export_gguf(
 
     with output_transaction(out, force=force, sources=sources, related=old_shards, needed_bytes=needed) as tx:
         tmp = tx.dir
-        w = gguf.GGUFWriter(tmp / out.name, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[model.spec.gguf_arch]],
+        w = new_writer(tmp / out.name, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[model.spec.gguf_arch]],
                             split_max_size=split_max_size)
         _add_metadata(w, model, outtype, name or model.source.name)
         add_provenance(w, getattr(recipe, "provenance", None))

@@ -24,7 +24,7 @@ from ..errors import InputError, UsageError
 from ..gguf_file import open_gguf
 from ..numerics import scan_storage
 from ..outputs import check_output_path, output_transaction
-from .gguf_write import GGUFResult, commit_gguf, progress_bar, shard_paths, type_counts, write_header
+from .gguf_write import GGUFResult, commit_gguf, new_writer, progress_bar, shard_paths, type_counts, write_header
 from .gguf_types import encode, encoded_nbytes
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import FLOAT_TYPES, KQUANTS, MixtureOptions, plan_mixture
@@ -114,7 +114,7 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
     t0 = time.perf_counter()
     with output_transaction(out, force=force, sources=shards, related=old_shards,
                             needed_bytes=total + meta_bytes + 96 * len(tensors)) as tx:
-        w = gguf.GGUFWriter(tx.dir / out.name, arch, split_max_size=split_max_size)
+        w = new_writer(tx.dir / out.name, arch, split_max_size=split_max_size)
         for key, field in first.fields.items():
             if key.startswith(_SKIP) or not field.types:
                 continue

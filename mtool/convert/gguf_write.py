@@ -12,8 +12,10 @@ Nothing here imports torch: `mtool quantize` and the float/q8_0 conversion paths
 
 from __future__ import annotations
 
+import struct
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -40,6 +42,42 @@ class GGUFResult:
     @property
     def n_fallbacks(self) -> int:
         return len(self.fallbacks)
+
+
+def new_writer(path: Path, arch: str, **kwargs) -> gguf.GGUFWriter:
+    """gguf-py's GGUFWriter, packing long metadata arrays (the vocabulary) in one pass."""
+    return _writer_class()(path, arch, **kwargs)
+
+
+@lru_cache(maxsize=1)
+def _writer_class() -> type:
+    V = gguf.GGUFValueType
+
+    class Writer(gguf.GGUFWriter):
+        """gguf-py packs an array element by element through `_pack_val` (0.27 s of a 0.25B
+        conversion for a 32k vocabulary, seconds for 150k); arrays of strings and numbers are
+        packed here in one pass to the same bytes (compared with gguf-py's in the tests). Anything
+        else, and any array gguf-py would refuse, goes to gguf-py's own code."""
+
+        def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
+            if (vtype != V.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE or isinstance(val, (bytes, str))
+                    or not isinstance(val, (list, tuple)) or len(val) < 2):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            ltype = sub_type if sub_type is not None else V.get_type(val[0])
+            fmt = self._simple_value_packing.get(ltype)
+            if ltype == V.BOOL or (fmt is None and ltype != V.STRING) or (
+                    sub_type is None and not all(V.get_type(i) is ltype for i in val)):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
+            if ltype == V.STRING:
+                parts = [head]
+                for item in val:
+                    enc = item.encode("utf-8") if isinstance(item, str) else item
+                    parts += (struct.pack("<Q", len(enc)), enc)
+                return b"".join(parts)
+            return head + struct.pack(f"<{len(val)}{fmt}", *val)
+
+    return Writer
 
 
 def shard_paths(out: Path) -> list[Path]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..gguf_file import GGUF_MAGIC, open_gguf
+from .gguf_write import new_writer
 from .quant_policy import FLOAT_TYPES, Q
 
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
@@ -158,7 +159,7 @@ def write_imatrix(path: Path, im: ImportanceMatrix) -> None:
     """Write `im` in llama.cpp's GGUF imatrix format at `path` (call inside an output transaction)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "imatrix")
+    w = new_writer(Path(path), "imatrix")
     w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # imatrix files have no architecture
     w.add_type("imatrix")
     w.add_array(KEY_DATASETS, list(im.datasets) or ["unknown"])
