@@ -171,9 +171,9 @@ class GGML:
                              f"(blocks of {blck})")
 
     def quantize(self, x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None, *, threads: int = 0,
-                 name: str = "tensor") -> np.ndarray:
+                 name: str = "tensor", out: np.ndarray | None = None) -> np.ndarray:
         """Quantize the rows of `x` (float32, [..., n_per_row]) as `qtype`; returns the GGUF bytes
-        as uint8 [rows, row_size]. `imatrix`: one importance per column (float32, n_per_row)."""
+        as uint8 [rows, row_size] (in `out` when given). `imatrix`: one importance per column."""
         qtype = int(qtype)
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_per_row = int(x.shape[-1]) if x.ndim else 0
@@ -191,7 +191,10 @@ class GGML:
             self.lib.ggml_quantize_init(qtype)
             self._initialized.add(qtype)
         row_size = int(self.lib.ggml_row_size(qtype, n_per_row))
-        out = np.empty((rows, row_size), dtype=np.uint8)
+        if out is None:
+            out = np.empty((rows, row_size), dtype=np.uint8)
+        elif out.dtype != np.uint8 or out.shape != (rows, row_size) or not out.flags.c_contiguous:
+            raise ValueError(f"quantize: output must be contiguous uint8 {(rows, row_size)}")
         src, dst = x.ctypes.data, out.ctypes.data
         imp = imatrix.ctypes.data if imatrix is not None else None
 

@@ -40,8 +40,10 @@ def scan_storage(a: np.ndarray, dtype: DType) -> tuple[bool, float]:
     uint, mask, inf = _BITS[dtype.name]
     flat = a.reshape(-1).view(uint)
     top = 0
+    tmp = np.empty(min(CHUNK_ELEMENTS, flat.size), dtype=uint)  # one scratch, not a fresh one per chunk
     for i in range(0, flat.size, CHUNK_ELEMENTS):
-        top = max(top, int(np.bitwise_and(flat[i : i + CHUNK_ELEMENTS], mask).max()))
+        part = flat[i : i + CHUNK_ELEMENTS]
+        top = max(top, int(np.bitwise_and(part, mask, out=tmp[: part.size]).max()))
     if top >= inf:
         return False, float("inf")
     value = np.array([top], dtype=uint)

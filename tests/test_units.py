@@ -200,3 +200,19 @@ def test_fast_gguf_reader_builds_gguf_pys_fields(tmp_path):
         assert a.contents() == b.contents(), key
     assert got.fields["test.strings"].contents() == ["", "a", "中文词", "<|endofutterance|>", ""]
     np.testing.assert_array_equal(got.tensors[0].data, np.arange(8, dtype=np.float32))
+
+
+def test_recycler_reuses_only_its_own_buffers():
+    from mtool.convert.gguf_export import _Recycler
+
+    r = _Recycler(keep=1)
+    a = r.take(1000)
+    base = a.ctypes.data
+    r.give(a.view(np.float16).reshape(10, 50))  # a view of it comes back after writing
+    b = r.take(800)  # smaller fits: the same memory
+    assert b.ctypes.data == base and b.size == 800
+    r.give(np.empty(5000, np.uint8))  # not made here: not kept
+    assert r.take(5000).ctypes.data != base
+    r.give(b)
+    r.give(r.take(2000))  # keep=1: the larger stays
+    assert r.take(1500).size == 1500 and r.take(1000).ctypes.data != base

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from ..model import experts
 from ..model.canonical import CanonicalModel, LazyTensor, rope_settings
 from ..numerics import F16_MAX, check_finite
 from ..outputs import check_output_path, output_transaction
-from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes, writer_shape_dtype
+from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes
 from .gguf_vocab import apply_recipe, build_vocab
 from .gguf_write import GGUFResult, commit_gguf, new_writer, progress_bar, shard_paths, type_counts, write_header
 from .imatrix_file import add_imatrix_metadata, importances_for
@@ -230,26 +231,81 @@ def _read(lt: LazyTensor) -> tuple[np.ndarray, DType]:
     return a, dtype
 
 
-def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, imp=None) -> np.ndarray:
+class _Recycler:
+    """Output buffers handed back once written, reused for the next encodings.
+
+    Fresh memory costs the kernel a page fault and a page of zeros per 4 KB: on the 2-core VM that
+    was a third of a real-size MoE f16 conversion (perf: clear_page_erms under the converter).
+    At most `keep` free buffers are kept; only buffers made here are taken back."""
+
+    def __init__(self, keep: int):
+        self._keep = keep
+        self._free: list[np.ndarray] = []
+        self._made: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        with self._lock:  # the free list is sorted by size: the first that fits is the smallest
+            k = next((k for k, b in enumerate(self._free) if b.size >= nbytes), None)
+            if k is not None:
+                return self._free.pop(k)[:nbytes]
+        buf = np.empty(nbytes, dtype=np.uint8)
+        with self._lock:
+            self._made.add(id(buf))
+        return buf
+
+    def give(self, arr: np.ndarray) -> None:
+        root = arr
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        with self._lock:
+            if id(root) in self._made:
+                self._free.append(root)
+                self._free.sort(key=lambda b: b.size)
+                while len(self._free) > self._keep:  # the smallest go: big ones save the most
+                    self._made.discard(id(self._free.pop(0)))
+
+
+def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, imp=None,
+                  recycler: _Recycler | None = None) -> np.ndarray:
     a, dtype = _read(lt)
     amax = check_finite(a, lt.name, dtype)
     if qtype == Q.F16 and amax > F16_MAX:
         raise InputError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
-    return encode(_transform(model, lt.name, a), dtype, qtype, name=lt.name, imatrix=imp)
+    same = qtype in (Q.F32, Q.F16, Q.BF16) and OUTTYPES_FLOAT[qtype] == dtype.name
+    out = recycler.take(encoded_nbytes(lt.shape, qtype)) if recycler is not None and not same else None
+    return encode(_transform(model, lt.name, a), dtype, qtype, name=lt.name, imatrix=imp, out=out)
 
 
-def _prepare(model: CanonicalModel, p: PlannedTensor, imp: np.ndarray | None = None):
-    """Read, check, transform and encode one GGUF tensor (runs in a worker thread).
+OUTTYPES_FLOAT = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
 
-    Stacked expert tensors are encoded part by part into their slice of the output, so
-    only one expert's source is in memory beside the output."""
-    if not p.stacked:
-        return _prepare_part(model, p.parts[0], p.qtype, imp)
-    shape, dtype = writer_shape_dtype(p.shape, p.qtype)
-    out = np.empty(shape, dtype=dtype)
-    n = p.shape[-1]
-    for i, part in enumerate(p.parts):  # each expert quantized with its own slice of importances
-        out[i] = _prepare_part(model, part, p.qtype, None if imp is None else imp[i * n : (i + 1) * n])
+
+@dataclass
+class _Piece:
+    """One unit of encoding work: a whole tensor, or one expert of a stacked tensor (written in order,
+    expert after expert, so a stack is never assembled in memory)."""
+
+    tensor: PlannedTensor
+    index: int  # part index within the tensor
+    nbytes: int
+    imp: np.ndarray | None
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == len(self.tensor.parts) - 1
+
+
+def _pieces(planned: list[PlannedTensor], imps: dict[str, np.ndarray]) -> list[_Piece]:
+    out = []
+    for p in planned:
+        imp, n, k = imps.get(p.gguf_name), p.shape[-1], len(p.parts)
+        for i in range(k):  # each expert quantized with its own slice of importances
+            sl = imp if imp is None or not p.stacked else imp[i * n : (i + 1) * n]
+            out.append(_Piece(p, i, p.nbytes // k, sl))
     return out
 
 
@@ -312,30 +368,38 @@ def export_gguf(
             torch.set_num_threads(max(1, torch_threads // n_workers))
         try:
             with tensor_data, ThreadPoolExecutor(max_workers=n_workers) as pool:
-                # Work is queued ahead while it fits a byte budget, so a model with huge
-                # tensors (stacked experts) holds at most about two of them at once.
-                budget = max(INFLIGHT_BYTES, max(p.nbytes for p in planned))
+                # Work is queued ahead while it fits a byte budget; stacked expert tensors are
+                # encoded and written expert by expert, so at most about two experts' worth of
+                # a stack is in memory at once.
+                todo = deque(_pieces(planned, imps))
+                recycler = _Recycler(keep=n_workers + 1)
+                budget = max(INFLIGHT_BYTES, max(w.nbytes for w in todo))
                 ahead: deque = deque()
-                todo = deque(planned)
                 inflight = 0
 
                 def fill() -> None:
                     nonlocal inflight
                     while todo and len(ahead) <= n_workers and (not ahead or inflight + todo[0].nbytes <= budget):
-                        p = todo.popleft()
-                        inflight += p.nbytes
-                        ahead.append((p, pool.submit(_prepare, model, p, imps.get(p.gguf_name))))
+                        w = todo.popleft()
+                        inflight += w.nbytes
+                        ahead.append((w, pool.submit(_prepare_part, model, w.tensor.parts[w.index], w.tensor.qtype,
+                                                     w.imp, recycler)))
 
                 fill()
                 while ahead:
-                    p, fut = ahead.popleft()
+                    w, fut = ahead.popleft()
                     data = fut.result()
-                    tensor_data.write(data)
+                    if w.first:
+                        tensor_data.begin()
+                    tensor_data.piece(data)
+                    if w.last:
+                        tensor_data.end()
+                    recycler.give(data)
                     del data
-                    inflight -= p.nbytes
+                    inflight -= w.nbytes
                     fill()
                     if bar:
-                        bar.update(p.nbytes)
+                        bar.update(w.nbytes)
         finally:
             if torch:
                 torch.set_num_threads(torch_threads)

@@ -92,26 +92,34 @@ def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...
 
 
 _FLOAT_NAMES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
+_STORAGE = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
 QUANT_CHUNK_ELEMENTS = 4 << 20  # values per libggml call: 16 MB of float32 scratch
 
 
 def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor",
-           imatrix: np.ndarray | None = None) -> np.ndarray:
+           imatrix: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Encode `a` (numpy storage of an f32/f16/bf16 tensor, see mtool.dtypes) as `qtype`;
-    returns the bytes GGUF stores. `imatrix`: one importance per column (quantized types)."""
+    returns the bytes GGUF stores, written into `out` (a uint8 buffer of exactly that many bytes)
+    when given, except where no conversion is needed (`a` itself is returned). `imatrix`: one
+    importance per column (quantized types)."""
     a = np.ascontiguousarray(a)
     g = ggml()
+    nbytes = encoded_nbytes(tuple(a.shape), qtype)
+    if out is not None and (out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous):
+        raise ValueError(f"encode: output buffer must be {nbytes} contiguous bytes")
     if qtype in _FLOAT_NAMES:
         if dtype.name == _FLOAT_NAMES[qtype]:
             return a
-        return g.convert(a, dtype.name, _FLOAT_NAMES[qtype])
+        dst = None if out is None else out.view(_STORAGE[qtype]).reshape(a.shape)
+        return g.convert(a, dtype.name, _FLOAT_NAMES[qtype], dst)
     n = int(a.shape[-1])
     rows = a.reshape(-1, n)
-    out = np.empty((rows.shape[0], g.row_size(int(qtype), n)), dtype=np.uint8)
+    row_size = g.row_size(int(qtype), n)
+    res = np.empty((rows.shape[0], row_size), dtype=np.uint8) if out is None else out.reshape(rows.shape[0], row_size)
     step = max(1, QUANT_CHUNK_ELEMENTS // n)
     scratch = np.empty((min(step, rows.shape[0]), n), dtype=np.float32)
     for r in range(0, rows.shape[0], step):
         chunk = rows[r : r + step]
         f32 = chunk if dtype.name == "float32" else g.convert(chunk, dtype.name, "float32", scratch[: len(chunk)])
-        out[r : r + step] = g.quantize(f32, int(qtype), imatrix, name=name)
-    return out.reshape(gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype))
+        g.quantize(f32, int(qtype), imatrix, name=name, out=res[r : r + step])
+    return res.reshape(gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype))

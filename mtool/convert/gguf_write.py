@@ -121,20 +121,46 @@ class TensorData:
         self._shard = 0
         self._next = 0
         self._left = sum(len(i) for i in self._infos)
+        self._open: list | None = None  # [info, bytes written] of the tensor being written
 
     def write(self, data: np.ndarray) -> None:
         """The next tensor's bytes (native order, exactly the size its info announced)."""
+        self.begin()
+        ti = self._open[0]
+        if int(data.nbytes) != ti.nbytes:
+            self._open = None  # nothing of it written: the tensor can be given again
+            raise ValueError(f"tensor data of {data.nbytes} bytes where the header announced {ti.nbytes}")
+        self.piece(data)
+        self.end()
+
+    def begin(self) -> None:
+        """Start the next tensor; its bytes follow in `piece`s, in order, then `end`."""
+        if self._open is not None:
+            raise ValueError("begin() while a tensor is still open")
         while self._shard < len(self._infos) and self._next == len(self._infos[self._shard]):
             self._shard, self._next = self._shard + 1, 0
         if self._shard == len(self._infos):
             raise ValueError("more tensors written than the header announced")
-        ti = self._infos[self._shard][self._next]
-        if int(data.nbytes) != ti.nbytes:
-            raise ValueError(f"tensor data of {data.nbytes} bytes where the header announced {ti.nbytes}")
-        sink = self._sinks[self._shard]
-        self._pad(sink)
-        sink.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        self._pad(sink)
+        self._open = [self._infos[self._shard][self._next], 0]
+        self._pad(self._sinks[self._shard])
+
+    def piece(self, data: np.ndarray) -> None:
+        """The next bytes of the open tensor."""
+        if self._open is None:
+            raise ValueError("piece() without begin()")
+        ti = self._open[0]
+        self._open[1] += int(data.nbytes)
+        if self._open[1] > ti.nbytes:
+            raise ValueError(f"tensor data of {self._open[1]}+ bytes where the header announced {ti.nbytes}")
+        self._sinks[self._shard].write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+
+    def end(self) -> None:
+        """Finish the open tensor (all its announced bytes must have been written)."""
+        ti, done = self._open
+        if done != ti.nbytes:
+            raise ValueError(f"tensor data of {done} bytes where the header announced {ti.nbytes}")
+        self._pad(self._sinks[self._shard])
+        self._open = None
         self._next += 1
         self._left -= 1
 
