@@ -93,7 +93,7 @@ def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...
 
 _FLOAT_NAMES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
 _STORAGE = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
-QUANT_CHUNK_ELEMENTS = 4 << 20  # values per libggml call: 16 MB of float32 scratch
+QUANT_CHUNK_ELEMENTS = 16 << 20  # values per libggml call: 64 MB of float32 scratch
 
 
 def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor",
