@@ -39,9 +39,25 @@ LLAMA_CPP_PY_VERSION = "0.3.36"
 BASE = dict(hidden=1280, intermediate=3456, heads=20, kv_heads=4, vocab=32000)
 
 
+def write_random_shards(path: Path, shapes: dict[str, tuple[int, ...]], groups: list[list[str]], seed: int = 0) -> int:
+    """Random bf16 tensors (N(0, 0.02)), one safetensors shard per group of names, and the index; returns bytes."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for k, part in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        sd = {n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in part}
+        save_file(sd, str(path / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in sd.values())
+        weight_map.update({n: fname for n in part})
+        del sd
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
 def make_model(path: Path, layers: int, seed: int = 0) -> int:
     """Write a random bf16 Llama with `layers` layers in 3 safetensors shards; returns bytes."""
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     from mtool.tiny import train_spm_tokenizer
@@ -67,17 +83,8 @@ def make_model(path: Path, layers: int, seed: int = 0) -> int:
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
     names = list(shapes)
-    g = torch.Generator().manual_seed(seed)
-    weight_map, total = {}, 0
-    for k in range(3):
-        part = names[k * len(names) // 3 : (k + 1) * len(names) // 3]
-        fname = f"model-{k + 1:05d}-of-00003.safetensors"
-        sd = {n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in part}
-        save_file(sd, str(path / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in sd.values())
-        weight_map.update({n: fname for n in part})
-        del sd
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    total = write_random_shards(path, shapes, [names[k * len(names) // 3 : (k + 1) * len(names) // 3] for k in range(3)],
+                                seed)
     cfg.save_pretrained(str(path))
     train_spm_tokenizer(path, 700)
     return total
@@ -88,7 +95,6 @@ MOE = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000, e
 
 def make_moe_model(path: Path, layers: int, seed: int = 0) -> int:
     """A random bf16 Mixtral with real-size layers, one shard per ~1 GB; returns bytes."""
-    from safetensors.torch import save_file
     from transformers import MixtralConfig
 
     from mtool.tiny import train_spm_tokenizer
@@ -112,7 +118,6 @@ def make_moe_model(path: Path, layers: int, seed: int = 0) -> int:
                 shapes[f"{p}.block_sparse_moe.experts.{x}.{w}.weight"] = (f, h) if w != "w2" else (h, f)
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
-    g = torch.Generator().manual_seed(seed)
     groups, cur, size = [], [], 0
     for n, shp in shapes.items():
         nbytes = 2 * torch.Size(shp).numel()
@@ -122,15 +127,7 @@ def make_moe_model(path: Path, layers: int, seed: int = 0) -> int:
         cur.append(n)
         size += nbytes
     groups.append(cur)
-    weight_map, total = {}, 0
-    for k, part in enumerate(groups):
-        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        sd = {n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in part}
-        save_file(sd, str(path / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in sd.values())
-        weight_map.update({n: fname for n in part})
-        del sd
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    total = write_random_shards(path, shapes, groups, seed)
     cfg = MixtralConfig(vocab_size=v, hidden_size=h, intermediate_size=f, num_hidden_layers=layers,
                         num_attention_heads=MOE["heads"], num_key_value_heads=kv, num_local_experts=e,
                         num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False,

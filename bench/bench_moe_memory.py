@@ -10,21 +10,19 @@ peak RSS against the budget of the Huozi issue: 1.5 x one layer's weights + the 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import OUT, run_measured  # noqa: E402
+from bench_convert import OUT, run_measured, write_random_shards  # noqa: E402
 
 H, F, E, LAYERS, HEADS, KV, VOCAB = 1024, 3584, 8, 4, 8, 2, 32000
 
 
 def make_moe(path: Path) -> tuple[int, int]:
     """Write the model in 4 shards; returns (total bytes, bytes of one decoder layer)."""
-    from safetensors.torch import save_file
     from transformers import MixtralConfig
 
     from mtool.tiny import train_spm_tokenizer
@@ -41,24 +39,11 @@ def make_moe(path: Path) -> tuple[int, int]:
     if (path / "config.json").is_file():
         return sum(f.stat().st_size for f in path.glob("*.safetensors")), layer_bytes
     path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(shape):
-        return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-
     groups = [{"model.embed_tokens.weight": (VOCAB, H)}]
     groups += [{f"model.layers.{i}.{k}": s for k, s in layer_shapes.items()} for i in range(LAYERS)]
     groups[-1].update({"model.norm.weight": (H,), "lm_head.weight": (VOCAB, H)})
-    weight_map, total = {}, 0
-    n = len(groups)
-    for k, group in enumerate(groups):
-        fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        sd = {name: rnd(shape) for name, shape in group.items()}
-        save_file(sd, str(path / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in sd.values())
-        weight_map.update({name: fname for name in sd})
-        del sd
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    shapes = {name: shape for group in groups for name, shape in group.items()}
+    total = write_random_shards(path, shapes, [list(group) for group in groups])
     cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=F, num_hidden_layers=LAYERS,
                         num_attention_heads=HEADS, num_key_value_heads=KV, num_local_experts=E, num_experts_per_tok=2,
                         tie_word_embeddings=False, dtype="bfloat16")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dtypes import BY_NAME
 from .errors import InputError, MtoolError, UsageError
 
 _LIB_NAMES = {"linux": ("libggml-base.so", "libggml-base.so.*"), "darwin": ("libggml-base.dylib", "libggml-base.*.dylib"),
@@ -116,11 +117,10 @@ class GGML:
     def convert(self, x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) -> np.ndarray:
         """Values of `x` (numpy storage of dtype `src`: float32, float16, bfloat16 as uint16 bits)
         as storage of `dst`, rounded to nearest even; into `out` when given (same element count)."""
-        storage = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
         x = np.ascontiguousarray(x)
         if out is None:
-            out = np.empty(x.shape, dtype=storage[dst])
-        if x.dtype != storage[src] or out.dtype != storage[dst]:
+            out = np.empty(x.shape, dtype=BY_NAME[dst].np_storage)
+        if x.dtype != BY_NAME[src].np_storage or out.dtype != BY_NAME[dst].np_storage:
             raise ValueError(f"convert {src} -> {dst}: storage is {x.dtype} -> {out.dtype}")
         if x.size != out.size or not out.flags.c_contiguous:
             raise ValueError("convert: output must be contiguous and as large as the input")

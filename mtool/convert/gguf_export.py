@@ -272,12 +272,8 @@ def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, imp=None,
     amax = check_finite(a, lt.name, dtype)
     if qtype == Q.F16 and amax > F16_MAX:
         raise InputError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")
-    same = qtype in (Q.F32, Q.F16, Q.BF16) and OUTTYPES_FLOAT[qtype] == dtype.name
-    out = recycler.take(encoded_nbytes(lt.shape, qtype)) if recycler is not None and not same else None
-    return encode(_transform(model, lt.name, a), dtype, qtype, name=lt.name, imatrix=imp, out=out)
-
-
-OUTTYPES_FLOAT = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
+    return encode(_transform(model, lt.name, a), dtype, qtype, name=lt.name, imatrix=imp,
+                  alloc=recycler.take if recycler is not None else None)
 
 
 @dataclass
@@ -373,33 +369,33 @@ def export_gguf(
                 # a stack is in memory at once.
                 todo = deque(_pieces(planned, imps))
                 recycler = _Recycler(keep=n_workers + 1)
-                budget = max(INFLIGHT_BYTES, max(w.nbytes for w in todo))
+                budget = max(INFLIGHT_BYTES, max(piece.nbytes for piece in todo))
                 ahead: deque = deque()
                 inflight = 0
 
                 def fill() -> None:
                     nonlocal inflight
                     while todo and len(ahead) <= n_workers and (not ahead or inflight + todo[0].nbytes <= budget):
-                        w = todo.popleft()
-                        inflight += w.nbytes
-                        ahead.append((w, pool.submit(_prepare_part, model, w.tensor.parts[w.index], w.tensor.qtype,
-                                                     w.imp, recycler)))
+                        piece = todo.popleft()
+                        inflight += piece.nbytes
+                        ahead.append((piece, pool.submit(_prepare_part, model, piece.tensor.parts[piece.index],
+                                                         piece.tensor.qtype, piece.imp, recycler)))
 
                 fill()
                 while ahead:
-                    w, fut = ahead.popleft()
+                    piece, fut = ahead.popleft()
                     data = fut.result()
-                    if w.first:
+                    if piece.first:
                         tensor_data.begin()
                     tensor_data.piece(data)
-                    if w.last:
+                    if piece.last:
                         tensor_data.end()
                     recycler.give(data)
                     del data
-                    inflight -= w.nbytes
+                    inflight -= piece.nbytes
                     fill()
                     if bar:
-                        bar.update(w.nbytes)
+                        bar.update(piece.nbytes)
         finally:
             if torch:
                 torch.set_num_threads(torch_threads)

@@ -19,13 +19,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ..dtypes import BF16, F16, F32, DType
+from ..dtypes import DType
 from ..errors import InputError, UsageError
 from ..gguf_file import open_gguf
 from ..numerics import scan_storage
 from ..outputs import check_output_path, output_transaction
 from .gguf_write import GGUFResult, commit_gguf, new_writer, progress_bar, shard_paths, type_counts, write_header
-from .gguf_types import encode, encoded_nbytes
+from .gguf_types import FLOAT_DTYPES, encode, encoded_nbytes
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import FLOAT_TYPES, KQUANTS, MixtureOptions, plan_mixture
 
@@ -48,9 +48,6 @@ def input_shards(path: Path) -> list[Path]:
     return shards
 
 
-_DTYPES = {Q.F32: F32, Q.F16: F16, Q.BF16: BF16}
-
-
 def _load(fd: int, t, qtype: Q, src: Path) -> tuple[np.ndarray, DType | None]:
     """One tensor's bytes (kept as they are when its type stays: dtype None), or its values as
     numpy storage of its float type, checked for NaN/Inf."""
@@ -59,7 +56,7 @@ def _load(fd: int, t, qtype: Q, src: Path) -> tuple[np.ndarray, DType | None]:
         raise InputError(f"{src} is truncated: tensor {t.name} ends past the end of the file")
     if qtype == t.tensor_type:
         return buf, None  # norms, router: copied as they are
-    dtype = _DTYPES[t.tensor_type]
+    dtype = FLOAT_DTYPES[t.tensor_type]
     a = buf.view(dtype.np_storage)
     if not scan_storage(a, dtype)[0]:
         raise InputError(f"tensor {t.name} of {src} contains NaN or Inf values")

@@ -9,13 +9,14 @@ No torch here: the float and q8_0 conversions run without importing it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 
 import gguf
 import numpy as np
 
-from ..dtypes import DType
+from ..dtypes import BF16, F16, F32, DType
 from ..ggml import ggml
 from .quant_policy import KQUANTS
 
@@ -80,46 +81,44 @@ def encoded_nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return prod(shape) // block * type_size
 
 
+# the GGUF float types and the element type whose numpy storage they hold
+FLOAT_DTYPES: dict[Q, DType] = {Q.F32: F32, Q.F16: F16, Q.BF16: BF16}
+
+
 def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) to announce to GGUFWriter.add_tensor_info for this type."""
-    if qtype == Q.F32:
-        return shape, np.dtype(np.float32)
-    if qtype == Q.F16:
-        return shape, np.dtype(np.float16)
-    if qtype == Q.BF16:
-        return shape, np.dtype(np.uint16)
+    if qtype in FLOAT_DTYPES:
+        return shape, FLOAT_DTYPES[qtype].np_storage
     return gguf.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
 
 
-_FLOAT_NAMES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
-_STORAGE = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
 QUANT_CHUNK_ELEMENTS = 16 << 20  # values per libggml call: 64 MB of float32 scratch
 
 
-def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor",
-           imatrix: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatrix: np.ndarray | None = None,
+           alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     """Encode `a` (numpy storage of an f32/f16/bf16 tensor, see mtool.dtypes) as `qtype`;
-    returns the bytes GGUF stores, written into `out` (a uint8 buffer of exactly that many bytes)
-    when given, except where no conversion is needed (`a` itself is returned). `imatrix`: one
-    importance per column (quantized types)."""
+    returns the bytes GGUF stores (`a` itself where no conversion is needed). `imatrix`: one
+    importance per column (quantized types). `alloc(nbytes)`: where the output goes (a uint8
+    buffer of exactly that many bytes), when one is needed; a fresh array otherwise."""
     a = np.ascontiguousarray(a)
+    if qtype in FLOAT_DTYPES and FLOAT_DTYPES[qtype] == dtype:
+        return a
     g = ggml()
     nbytes = encoded_nbytes(tuple(a.shape), qtype)
-    if out is not None and (out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous):
+    out = np.empty(nbytes, dtype=np.uint8) if alloc is None else alloc(nbytes)
+    if out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous:
         raise ValueError(f"encode: output buffer must be {nbytes} contiguous bytes")
-    if qtype in _FLOAT_NAMES:
-        if dtype.name == _FLOAT_NAMES[qtype]:
-            return a
-        dst = None if out is None else out.view(_STORAGE[qtype]).reshape(a.shape)
-        return g.convert(a, dtype.name, _FLOAT_NAMES[qtype], dst)
+    if qtype in FLOAT_DTYPES:
+        dst = FLOAT_DTYPES[qtype]
+        return g.convert(a, dtype.name, dst.name, out.view(dst.np_storage).reshape(a.shape))
     n = int(a.shape[-1])
     rows = a.reshape(-1, n)
-    row_size = g.row_size(int(qtype), n)
-    res = np.empty((rows.shape[0], row_size), dtype=np.uint8) if out is None else out.reshape(rows.shape[0], row_size)
+    res = out.reshape(rows.shape[0], g.row_size(int(qtype), n))
     step = max(1, QUANT_CHUNK_ELEMENTS // n)
     scratch = np.empty((min(step, rows.shape[0]), n), dtype=np.float32)
     for r in range(0, rows.shape[0], step):
         chunk = rows[r : r + step]
-        f32 = chunk if dtype.name == "float32" else g.convert(chunk, dtype.name, "float32", scratch[: len(chunk)])
+        f32 = chunk if dtype == F32 else g.convert(chunk, dtype.name, "float32", scratch[: len(chunk)])
         g.quantize(f32, int(qtype), imatrix, name=name, out=res[r : r + step])
     return res.reshape(gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype))

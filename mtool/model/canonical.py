@@ -10,7 +10,7 @@ layout every adapter produces.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,9 @@ from .arch import ATTENTION, DENSE_MLP, ArchSpec
 class LazyTensor:
     """One canonical tensor; `load` reads and transforms it on demand (a torch tensor).
 
-    `array`, where the tensor is stored bytes read as they are (no arithmetic), reads the same
-    values as numpy storage without importing torch (see mtool.dtypes); the GGUF writer uses
-    it. `dtype` may be given as a torch dtype; it is held as a DType."""
+    `array`, where the tensor is stored values moved without arithmetic (see `rearranged`),
+    reads the same values as numpy storage without importing torch (see mtool.dtypes); the
+    GGUF writer uses it. `dtype` may be given as a torch dtype; it is held as a DType."""
 
     name: str
     shape: tuple[int, ...]
@@ -155,13 +155,7 @@ def head_dim(cfg: dict) -> int:
 def zeros(name: str, shape: tuple[int, ...], dtype) -> LazyTensor:
     """A canonical tensor the source does not have (e.g. TeleChat's absent q/k/v biases)."""
     dt = as_dtype(dtype)
-
-    def load():
-        import torch
-
-        return torch.zeros(shape, dtype=dt.torch)
-
-    return LazyTensor(name, shape, dt, load, synthetic=True, array=lambda: np.zeros(shape, dt.np_storage))
+    return replace(rearranged(name, shape, dt, lambda: np.zeros(shape, dt.np_storage)), synthetic=True)
 
 
 def rearranged(name: str, shape: tuple[int, ...], dtype, array: Callable[[], np.ndarray]) -> LazyTensor:
@@ -174,8 +168,7 @@ def rearranged(name: str, shape: tuple[int, ...], dtype, array: Callable[[], np.
 def stored(reader, name: str, canonical: str | None = None) -> LazyTensor:
     """A canonical tensor that is a stored tensor as it is (named `canonical` if renamed)."""
     info = reader.info(name)
-    return LazyTensor(canonical or name, tuple(info.shape), info.dtype, lambda: reader.load(name),
-                      array=lambda: reader.load_array(name))
+    return rearranged(canonical or name, info.shape, info.dtype, lambda: reader.load_array(name))
 
 
 def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:

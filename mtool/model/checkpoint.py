@@ -240,10 +240,7 @@ class CheckpointReader:
 
     def load(self, name: str):
         """Read one tensor as a torch tensor (a private copy, safe to keep after the call)."""
-        info = self.info(name)
-        if info.offset < 0:
-            return self._load_bin(info.file)[name].clone()
-        return to_torch(self.load_array(name), info.dtype)
+        return to_torch(self.load_array(name), self.info(name).dtype)
 
     def load_array(self, name: str) -> np.ndarray:
         """Read one tensor's stored values as numpy (bfloat16 as its uint16 bits; see mtool.dtypes),
@@ -253,17 +250,9 @@ class CheckpointReader:
             return to_storage(self._load_bin(info.file)[name], info.dtype).copy()
         return self._read(info, info.shape, 0)
 
-    def load_rows(self, name: str, start: int, count: int):
-        """Rows [start, start+count) of a tensor viewed as 2-D (leading dims flattened):
-        one expert of a fused [E, rows, cols] tensor, without reading the others (torch)."""
-        info = self.info(name)
-        if info.offset < 0:
-            self._check_rows(info, start, count)
-            return self._load_bin(info.file)[name].reshape(-1, *info.shape[-1:])[start : start + count].clone()
-        return to_torch(self.load_rows_array(name, start, count), info.dtype)
-
     def load_rows_array(self, name: str, start: int, count: int) -> np.ndarray:
-        """`load_rows` as numpy storage (see `load_array`)."""
+        """Rows [start, start+count) of a tensor viewed as 2-D (leading dims flattened), as numpy
+        storage: one expert of a fused [E, rows, cols] tensor, without reading the others."""
         info = self.info(name)
         self._check_rows(info, start, count)
         if info.offset < 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..arch import ATTENTION, COMMON_CONFIG, DENSE_MLP, ArchSpec, AwqMapping
 from ..canonical import (CanonicalModel, LazyTensor, bias_shapes, canonical_shapes, check_shapes, in_layer_order,
-                         normalize_config, stored)
+                         normalize_config, rearranged, stored)
 from ..checkpoint import CheckpointReader
 from ...errors import InputError
 from .. import experts
@@ -51,10 +51,8 @@ def _fused_experts(reader: CheckpointReader, spec: ArchSpec, cfg: dict) -> dict[
             for w in ("w1", "w3", "w2"):
                 src, row0, rows = experts.fused_rows(x, w, f, h)
                 name = f"{p}{experts.legacy(x, w)}.weight"
-                span = dict(s=p + src, row0=row0, rows=rows)
-                out[name] = LazyTensor(name, (rows, h if w != "w2" else f), reader.info(p + src).dtype,
-                                       lambda span=span: reader.load_rows(*span.values()),
-                                       array=lambda span=span: reader.load_rows_array(*span.values()))
+                out[name] = rearranged(name, (rows, h if w != "w2" else f), reader.info(p + src).dtype,
+                                       lambda s=p + src, row0=row0, rows=rows: reader.load_rows_array(s, row0, rows))
     return out
 
 
