@@ -8,11 +8,12 @@ process, mtool's CLI in-process there, so the peak GPU memory that torch's alloc
 after it. Random models predict nearly flat distributions: verify's verdict is FAIL (exit 1); the
 figures here are time and memory.
 
-    python bench/bench_gpu.py [--models 7b,0.5b] [--layers7b 4] [--log-dir DIR]
+    python bench/bench_gpu.py [--models 7b,0.5b,moe] [--layers7b 4] [--layers-moe 1] [--log-dir DIR]
     python bench/bench_gpu.py --device cpu ...      # the same steps on the CPU, for comparison
 
 Shapes: 7b = hidden 4096, ffn 11008, 32 heads (MHA), 32000 vocab (Llama-2-7B's layer); 0.5b = the
-conversion benchmark's (hidden 1280, ffn 3456, 20 heads / 4 kv heads, 20 layers).
+conversion benchmark's (hidden 1280, ffn 3456, 20 heads / 4 kv heads, 20 layers); moe = Mixtral-8x7B's
+layer (hidden 4096, ffn 14336, 8 experts top-2, 32 / 8 heads), Huozi 3.5's shape.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # mtool from this checkout, installed or not
 
 import bench_convert  # noqa: E402
-from bench_convert import OUT, make_model  # noqa: E402
+from bench_convert import MOE, OUT, make_model, make_moe_model  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
     "0.5b": dict(bench_convert.BASE),
+    "moe": dict(MOE),  # Mixtral-8x7B's layer (Huozi 3.5's shape), made by make_moe_model
 }
 # calibration per model: GPTQ's usual 128 x 2048 on the 7B stack; the CPU benchmark's 32 x 512 on 0.5B
 CALIB = {"7b": {"gptq": (128, 2048), "awq": (128, 512), "imatrix": (128, 512)},
-         "0.5b": {"gptq": (32, 512), "awq": (32, 512), "imatrix": (32, 512)}}
-VERIFY = {"7b": (512, 32), "0.5b": (512, 32)}  # ctx, windows
+         "0.5b": {"gptq": (32, 512), "awq": (32, 512), "imatrix": (32, 512)},
+         "moe": {"gptq": (128, 512), "awq": (128, 512), "imatrix": (128, 512)}}
+VERIFY = {"7b": (512, 32), "0.5b": (512, 32), "moe": (512, 32)}  # ctx, windows
 
 
 def step(argv: list[str]) -> None:
@@ -85,6 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="7b,0.5b")
     ap.add_argument("--layers7b", type=int, default=4)
+    ap.add_argument("--layers-moe", type=int, default=1)
+    ap.add_argument("--verify-modes", default="streamed,whole", help="reference modes verify runs with")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", default="gptq,awq,imatrix,verify")
     ap.add_argument("--log-dir", type=Path, default=None)
@@ -114,11 +119,12 @@ def main() -> None:
     rows = []
     dev, steps = args.device, args.steps.split(",")
     for tag in args.models.split(","):
-        bench_convert.BASE.update(SHAPES[tag])
-        layers = (args.layers7b if tag == "7b" else 20) if not args.smoke else 1 + (tag == "0.5b")
+        if tag != "moe":
+            bench_convert.BASE.update(SHAPES[tag])
+        layers = {"7b": args.layers7b, "moe": args.layers_moe}.get(tag, 20) if not args.smoke else 1 + (tag == "0.5b")
         t = time.perf_counter()
         src = OUT / f"gpu-{tag}-{layers}L-bf16"
-        nbytes = make_model(src, layers)
+        nbytes = make_moe_model(src, layers) if tag == "moe" else make_model(src, layers)
         print(f"{tag}: {nbytes / 2**30:.2f} GiB bf16, {layers} layers (made in {time.perf_counter() - t:.0f} s)",
               flush=True)
         gq = OUT / f"gpu-{tag}-gptq"
@@ -151,7 +157,7 @@ def main() -> None:
                                     "--outtype", "q8_0", "-q"], check=True)
                 cands.append(("q8_0 gguf", q8))
             for cname, cand in cands:
-                for mode in ("streamed", "whole"):
+                for mode in args.verify_modes.split(","):
                     r = run_step(["verify", str(src), str(cand), "--device", dev, "--reference", mode, "--data",
                                   str(vtext), "--ctx", str(ctx), "--max-windows", str(windows), "-q"],
                                  logs / f"{tag}-verify-{mode}-{cname.split()[0]}.log")

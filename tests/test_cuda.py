@@ -52,6 +52,25 @@ def test_gptq_solver_on_cuda_matches_cpu():
     assert err["cuda"] == pytest.approx(err["cpu"], rel=0.02)
 
 
+@pytest.mark.parametrize("gs", [128, -1])
+def test_gptq_column_loop_as_cuda_graph_is_the_same_as_launched(gs, monkeypatch):
+    """The captured column loop replays the very kernels the eager loop launches: same bytes."""
+    from mtool.quantize.gptq import Hessian, _BlockGraphs, gptq
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(384, 1024, generator=g)
+    x = torch.randn(2048, 1024, generator=g) * torch.rand(1024, generator=g) * 3
+    h = Hessian(1024, "cuda")
+    h.add(x.cuda())
+    res = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("MTOOL_CUDA_GRAPHS", graphs)
+        res[graphs] = gptq(w, h, 4, gs, True)[0]
+    assert any(v.by_width.get(128) is not None for v in _BlockGraphs._cache.values())
+    for name in ("codes", "zeros", "scales", "g_idx", "dequant"):
+        assert torch.equal(getattr(res["0"], name), getattr(res["1"], name)), name
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 @pytest.mark.parametrize("which", ["llama", "mixtral"])
 def test_quantization_on_cuda_matches_cpu(method, which, gqa_model, mixtral_model, tmp_path):

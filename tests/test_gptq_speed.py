@@ -110,6 +110,7 @@ def _paper_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, damp: floa
     """Algorithm 1 of Frantar et al. without the lazy blocks, one column at a time, written out
     here independently of mtool.quantize.gptq (only the min/max grid is shared)."""
     W, n = w.clone(), w.shape[1]
+    gs = n if gs == -1 else gs
     Hd = h + damp * h.diag().mean() * torch.eye(n)
     Hinv = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
     Q = torch.zeros_like(W)
@@ -123,14 +124,18 @@ def _paper_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, damp: floa
     return Q
 
 
-def test_gptq_is_the_papers_algorithm():
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 320, generator=g)
-    x = torch.randn(2000, 320, generator=g) @ torch.randn(320, 320, generator=g)  # correlated inputs
-    h = Hessian(320)
+@pytest.mark.parametrize("cols,gs", [(320, 64), (384, 128), (320, 96), (300, -1), (512, 256)])
+def test_gptq_is_the_papers_algorithm(cols, gs):
+    """Groups inside a block, one per block, across block edges, one for the whole row, over two blocks."""
+    g = torch.Generator().manual_seed(cols + gs)
+    w = torch.randn(48, cols, generator=g)
+    x = torch.randn(2000, cols, generator=g) @ torch.randn(cols, cols, generator=g)  # correlated inputs
+    h = Hessian(cols)
     h.add(x)
-    ours, _ = gptq(w, h, 4, 64, True, damp=0.01)
-    ref = _paper_gptq(w, h.h, 4, 64, 0.01)
+    ours, _ = gptq(w, h, 4, gs, True, damp=0.01)
+    ref = _paper_gptq(w, h.h, 4, gs, 0.01)
+    codes = torch.round(ours.dequant / ours.scales[ours.g_idx].t()) + ours.zeros[ours.g_idx].t()
+    assert torch.equal(ours.codes.t().double(), codes.double())  # codes, grids and values agree
     same = (ours.dequant - ref).abs() < 1e-4
     assert same.float().mean() > 0.995  # float rounding may flip a handful of near-ties
     err_ours = float(((x @ (w - ours.dequant).t()) ** 2).mean())

@@ -136,38 +136,136 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
     if Hinv is None:
         raise MtoolError("GPTQ: the Hessian could not be factorized even with damping 1.0 (non-finite activations?)")
     gs = in_f if group_size == -1 else group_size
+    maxq = 2**bits - 1
     Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
-    scales, zeros, gidx_perm = [], [], torch.zeros(in_f, dtype=torch.int64, device=W.device)
+    scales, zeros = [], []
     loss = torch.zeros(out_f, device=W.device)
     s = z = None
+    graphs = _BlockGraphs.get(W.device, out_f, block_size, maxq) if gs % block_size == 0 else None
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        # the block in column-major form: column i is row i, contiguous (the loop reads and writes one
+        # column at a time; coalesced on a GPU, cache lines on a CPU)
+        W1t = W[:, i1:i2].t().contiguous()
         Hinv1 = Hinv[i1:i2, i1:i2]
-        # the column loop is the algorithm's sequential core: few, in-place ops per column (the
-        # rank-1 update as one addr_), codes and loss gathered per block
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % gs == 0:
-                # grid from the (already error-compensated) columns of this group
-                group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : gs] if col + gs > i2 else W1[:, i : i + gs]
-                s, z = grid(group, bits, sym, min_zero=min_zero)
+        Qt, Et = torch.empty_like(W1t), torch.empty_like(W1t)
+        if gs % block_size == 0:
+            # groups span whole blocks: a grid starts at most at the block's first column, from the
+            # (already error-compensated) columns of its group
+            if i1 % gs == 0:
+                s, z = grid(W[:, i1 : i1 + gs], bits, sym, min_zero=min_zero)
                 scales.append(s)
                 zeros.append(z)
-            w = W1[:, i]
-            q = quantize_codes(w.unsqueeze(1), s, z, bits).flatten()
-            codes[:, col] = q
-            deq = (q - z) * s
-            Q[:, col] = deq
-            gidx_perm[col] = len(scales) - 1
-            err = (w - deq) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        loss += Err1.pow(2).sum(dim=1) / 2
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            graph = graphs.graph(i2 - i1) if graphs is not None else None
+            if graph is not None:
+                Qt, Et = graph.run(W1t, Hinv1, s, z)
+            else:
+                _columns(W1t, Hinv1, Qt, Et, s, z, maxq, 0, i2 - i1)
+        else:
+            # segments of the block between the columns where a group starts
+            cuts = sorted({0, i2 - i1} | {c - i1 for c in range(i1, i2) if c % gs == 0})
+            for a, b in zip(cuts, cuts[1:]):
+                if (i1 + a) % gs == 0:
+                    s, z = grid(_group(W1t, W, Et, Hinv, i1, a, gs), bits, sym, min_zero=min_zero)
+                    scales.append(s)
+                    zeros.append(z)
+                _columns(W1t, Hinv1, Qt, Et, s, z, maxq, a, b)
+        Q[:, i1:i2] = Qt.t()
+        loss += Et.pow(2).sum(dim=0) / 2
+        W[:, i2:] -= Et.t() @ Hinv[i1:i2, i2:]
+    # codes from the dequantized values: q = (deq / s) + z is exact, deq being (q - z) * s with q an
+    # integer below 2^bits
+    gidx_perm = torch.arange(in_f, device=W.device) // gs
+    S, Z = torch.stack(scales), torch.stack(zeros)
+    codes = torch.round(Q / S[gidx_perm].t()) + Z[gidx_perm].t()
     inv = torch.argsort(perm)
     codes, g_idx = codes[:, inv], gidx_perm[inv]
-    res = _result(codes, torch.stack(zeros), torch.stack(scales), g_idx)
+    res = _result(codes, Z, S, g_idx)
     return res, {"damp": used, "loss": float(loss.sum()), "dead": int(dead.sum())}
+
+
+def _group(W1t: torch.Tensor, W: torch.Tensor, Et: torch.Tensor, Hinv: torch.Tensor, i1: int, a: int,
+           gs: int) -> torch.Tensor:
+    """The columns [out, gs] of the group starting at column a of the block at i1, as the paper's
+    column-at-a-time algorithm sees them: where the group runs past the block, its tail gets the
+    block's pending (lazy) update from the columns already done."""
+    width = W1t.shape[0]
+    if a + gs <= width:
+        return W1t[a : a + gs].t()
+    i2, end = i1 + width, min(i1 + a + gs, W.shape[1])
+    tail = W[:, i2:end] - Et[:a].t() @ Hinv[i1 : i1 + a, i2:end]
+    return torch.cat([W1t[a:].t(), tail], dim=1)
+
+
+def _columns(W1t: torch.Tensor, Hinv1: torch.Tensor, Qt: torch.Tensor, Et: torch.Tensor, s: torch.Tensor,
+             z: torch.Tensor, maxq: int, c0: int, c1: int) -> None:
+    """GPTQ's sequential core over block columns c0..c1, in place: quantize column i on grid (s, z),
+    write its dequantized value to Qt[i] and its scaled error to Et[i], and spread the error over the
+    block's later columns. Every op writes into given storage (no allocation), so the loop can be
+    captured in a CUDA graph; nine kernels a column."""
+    for i in range(c0, c1):
+        w, q, e = W1t[i], Qt[i], Et[i]
+        torch.div(w, s, out=q)
+        q.round_().add_(z).clamp_(0, maxq)
+        q.sub_(z).mul_(s)  # the dequantized column
+        torch.sub(w, q, out=e).div_(Hinv1[i, i])
+        W1t[i:].addr_(Hinv1[i, i:], e, alpha=-1)
+
+
+class _BlockGraphs:
+    """CUDA graphs of `_columns` over whole blocks, one per (device, rows, block width, maxq), captured
+    on first use and replayed: the column loop is ~1,000 tiny kernels a block, launch-bound on a GPU
+    when each is launched from Python. Set MTOOL_CUDA_GRAPHS=0 to launch them one by one."""
+
+    _cache: dict = {}
+
+    def __init__(self, device: torch.device, rows: int, maxq: int):
+        self.device, self.rows, self.maxq = device, rows, maxq
+        self.by_width: dict[int, object] = {}
+
+    @classmethod
+    def get(cls, device: torch.device, rows: int, block: int, maxq: int) -> _BlockGraphs | None:
+        import os
+
+        if device.type != "cuda" or os.environ.get("MTOOL_CUDA_GRAPHS", "1") == "0":
+            return None
+        key = (str(device), rows, maxq)
+        if key not in cls._cache:
+            cls._cache[key] = cls(device, rows, maxq)
+        return cls._cache[key]
+
+    def graph(self, width: int) -> _Graph | None:
+        if width not in self.by_width:
+            try:
+                self.by_width[width] = _Graph(self.device, self.rows, width, self.maxq)
+            except RuntimeError:  # capture unsupported here: launch op by op
+                self.by_width[width] = None
+        return self.by_width[width]
+
+
+class _Graph:
+    """One captured block: static inputs (block, its inverse-Hessian slice, grid) and outputs."""
+
+    def __init__(self, device: torch.device, rows: int, width: int, maxq: int):
+        f32 = dict(dtype=torch.float32, device=device)
+        self.W, self.Q, self.E = (torch.zeros(width, rows, **f32) for _ in range(3))
+        self.H = torch.eye(width, **f32)
+        self.s, self.z = torch.ones(rows, **f32), torch.zeros(rows, **f32)
+        args = (self.W, self.H, self.Q, self.E, self.s, self.z, maxq, 0, width)
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture, as torch's CUDA-graph notes ask
+                _columns(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                _columns(*args)
+
+    def run(self, W1t: torch.Tensor, Hinv1: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+        self.W.copy_(W1t)
+        self.H.copy_(Hinv1)
+        self.s.copy_(s)
+        self.z.copy_(z)
+        self.graph.replay()
+        return self.Q, self.E
