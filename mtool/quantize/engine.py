@@ -15,7 +15,7 @@ import importlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,7 +25,7 @@ from ..memory import available_bytes
 from ..model import experts
 from ..model.canonical import CanonicalModel
 from ..numerics import check_finite
-from .gptq import Hessian, grid, gptq, quantize_codes, rtn
+from .gptq import Hessian, grid, gptq_stacked, quantize_codes, rtn
 
 
 @dataclass
@@ -312,20 +312,38 @@ def expert_mid(layer, xs: torch.Tensor, e: int, n_ff: int) -> torch.Tensor:
     return torch.cat(list(_expert_mid(xs, view.get(e, "w1"), view.get(e, "w3"), layer.mlp.experts.act_fn)))
 
 
-def _gptq_or_rtn(w: torch.Tensor, h: Hessian, s: QuantSettings):
-    """Runs where the layer runs (cuda or cpu); results come back on the CPU for packing."""
-    if s.method == "rtn":
-        return rtn(w, s.bits, s.group_size, s.sym)
-    return gptq(w, h, s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)[0]
+# Rows solved in one GPTQ call at most (float32 elements): one stack's working copies (weight, result,
+# block buffers) stay a few hundred MB on the CPU, a few GB on a GPU
+STACK_ELEMENTS = {"cpu": 64 << 20, "cuda": 256 << 20}
 
 
-def _quantize_into(layer, name: str, h: Hessian, s: QuantSettings, n_ff: int, results: dict, errors: dict) -> None:
-    get, put = weight_handle(layer, name, n_ff)
-    w = get().clone()
-    r = _gptq_or_rtn(w, h, s)
-    errors[name] = _rel_error(w, r.dequant, h.h)  # where the Hessian is: no copy of it to the CPU per linear
-    put(r.dequant.to(s.device))
-    results[name] = r
+def _quantize_into(layer, names: list[str], h: Hessian, s: QuantSettings, n_ff: int, results: dict,
+                   errors: dict) -> None:
+    """Quantize the linears `names`, which all read the input whose Hessian is h, and put their
+    dequantized weights back into the layer (the next Hessians see them: true-sequential). Runs where
+    the layer runs; results come back on the CPU for packing. GPTQ solves them stacked, a budget of
+    rows at a time (`gptq_stacked`)."""
+    budget = STACK_ELEMENTS["cuda" if str(s.device).startswith("cuda") else "cpu"]
+    stacks: list[list[str]] = []
+    size = 0
+    for n in names:
+        numel = weight_handle(layer, n, n_ff)[0]().numel()
+        if not stacks or size + numel > budget:
+            stacks.append([])
+            size = 0
+        stacks[-1].append(n)
+        size += numel
+    for stack in stacks:
+        handles = [weight_handle(layer, n, n_ff) for n in stack]
+        ws = [get().clone() for get, _ in handles]
+        if s.method == "rtn":
+            rs = [rtn(w, s.bits, s.group_size, s.sym) for w in ws]
+        else:
+            rs = gptq_stacked(ws, h, s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)
+        for n, w, (_, put), r in zip(stack, ws, handles, rs):
+            errors[n] = _rel_error(w, r.dequant, h.h)  # where the Hessian is: no copy of it to the CPU per linear
+            put(r.dequant.to(s.device))
+            results[n] = replace(r, dequant=None)  # the layer holds it now
 
 
 def quantize_moe_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings, results: dict, errors: dict) -> list[int]:
@@ -338,13 +356,14 @@ def quantize_moe_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSetti
     h_in.add(xs)
     n_ff = runner.config.intermediate_size
     view, act = experts.FusedView(layer, n_ff), layer.mlp.experts.act_fn
+    # every expert's w1 and w3 read xs: solved stacked; then each w2 on its expert's quantized w1/w3
+    _quantize_into(layer, [experts.legacy(e, w) for e in range(runner.model.n_experts) for w in ("w1", "w3")],
+                   h_in, s, n_ff, results, errors)
     for e in range(runner.model.n_experts):
-        for w in ("w1", "w3"):
-            _quantize_into(layer, experts.legacy(e, w), h_in, s, n_ff, results, errors)
         h_mid = Hessian(n_ff, s.device)
         for mid in _expert_mid(xs, view.get(e, "w1"), view.get(e, "w3"), act):
             h_mid.add(mid)
-        _quantize_into(layer, experts.legacy(e, "w2"), h_mid, s, n_ff, results, errors)
+        _quantize_into(layer, [experts.legacy(e, "w2")], h_mid, s, n_ff, results, errors)
     return counts
 
 
@@ -361,8 +380,7 @@ def quantize_layer_gptq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSet
         # so one Hessian serves the group: the x^T x products dominate the time on long calibration sets
         shared = Hessian(mods[group[0]].in_features, s.device)
         runner.capture(layer, group[:1], x, lambda n, inp: shared.add(inp))
-        for n in group:
-            _quantize_into(layer, n, shared, s, runner.config.intermediate_size, results, errors)
+        _quantize_into(layer, list(group), shared, s, runner.config.intermediate_size, results, errors)
         runner.memo.finish(group)
     return results, errors
 
@@ -453,6 +471,7 @@ class _AwqLayer:
         inputs: dict[str, list[torch.Tensor]] = {}
         runner.capture(layer, captured, x, lambda n, inp: inputs.setdefault(n, []).append(inp.detach()))
         self.feats = {n: torch.cat(v) for n, v in inputs.items()}
+        self.transient: tuple[str, torch.Tensor] | None = None
         if runner.moe:
             xs = self.feats["mlp"].reshape(-1, self.feats["mlp"].shape[-1])
             runner.expert_tokens = routed_counts(layer, xs, runner.model.n_experts_used)
@@ -460,10 +479,23 @@ class _AwqLayer:
 
     def feature(self, n: str) -> torch.Tensor:
         key = self.source[n]
-        if key not in self.feats:  # an expert's w2 input, from its (already smoothed) w1/w3
+        if key in self.feats:
+            return self.feats[key]
+        # an expert's w2 input, from its (already smoothed) w1/w3: every calibration token's ffn-wide
+        # activation, 3.8 GB per real-size Mixtral expert at 64k tokens, so one expert's is held at a
+        # time and recomputed when asked again (all eight held took 44 GB of GPU memory)
+        if self.transient is None or self.transient[0] != key:
+            self.transient = None  # the previous expert's first
             xs = self.feats["mlp"].reshape(-1, self.feats["mlp"].shape[-1])
-            self.feats[key] = expert_mid(self.layer, xs, experts.parse(n)[0], self.n_ff)
-        return self.feats[key]
+            self.transient = (key, expert_mid(self.layer, xs, experts.parse(n)[0], self.n_ff))
+        return self.transient[1]
+
+    def update_feature(self, n: str, value: torch.Tensor) -> None:
+        key = self.source[n]
+        if key in self.feats:
+            self.feats[key] = value
+        else:
+            self.transient = (key, value)
 
     def handle(self, n: str) -> Handle:
         return weight_handle(self.layer, n, self.n_ff)
@@ -502,7 +534,8 @@ class _AwqLayer:
             self.smooth(at(mapping.smooth), sc)
             for get, put in handles:
                 put(get() * sc.view(1, -1))
-            self.feats[self.source[balance[0]]] = x / sc
+            self.update_feature(balance[0], x / sc)
+            del x  # before the next expert's is computed
 
 
 def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSettings) -> tuple[dict, dict]:
@@ -527,7 +560,7 @@ def quantize_layer_awq(runner: LayerRunner, layer, x: torch.Tensor, s: QuantSett
             h_key, h_mat = st.source[n], h.h
         errors[n] = _rel_error(get(), r.dequant, h_mat)
         put(r.dequant.to(s.device))
-        results[n] = r
+        results[n] = replace(r, dequant=None)  # the layer holds it now
     return results, errors
 
 

@@ -21,11 +21,12 @@ from ..errors import MtoolError
 class QuantResult:
     """Integer codes and grids of one linear, in the packers' orientation."""
 
-    codes: torch.Tensor  # [in, out] int64
+    codes: torch.Tensor  # [in, out] uint8, on the CPU
     zeros: torch.Tensor  # [groups, out] int64 (true zero points)
     scales: torch.Tensor  # [groups, out] float32
     g_idx: torch.Tensor  # [in] int64
-    dequant: torch.Tensor  # [out, in] float32: the weight the checkpoint represents
+    dequant: torch.Tensor | None  # [out, in] float32 where the work ran: the weight the checkpoint represents
+    # (None once it is back in the layer: the engine keeps codes and grids only)
 
 
 def grid(w: torch.Tensor, bits: int, sym: bool, *, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +68,12 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool, *, min_zero
 
 
 def _result(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> QuantResult:
-    """Results on the CPU (where they are packed), whatever device the work ran on."""
+    """Codes and grids on the CPU, where they are packed: codes as bytes (< 2^bits <= 256), an eighth
+    of int64's transfer and memory (a real-size Mixtral layer's codes are 1.4 GB so, 11 GB as int64).
+    The dequantized weight stays where the work ran: it goes back into the layer there."""
     deq = (codes - zeros[g_idx].t()) * scales[g_idx].t()  # [out, in]
-    return QuantResult(codes.t().to(torch.int64).contiguous().cpu(), zeros.to(torch.int64).cpu(), scales.cpu(),
-                       g_idx.cpu(), deq.cpu())
+    return QuantResult(codes.t().to(torch.uint8).contiguous().cpu(), zeros.to(torch.int64).cpu(), scales.cpu(),
+                       g_idx.cpu(), deq)
 
 
 class Hessian:
@@ -182,6 +185,24 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
     codes, g_idx = codes[:, inv], gidx_perm[inv]
     res = _result(codes, Z, S, g_idx)
     return res, {"damp": used, "loss": float(loss.sum()), "dead": int(dead.sum())}
+
+
+def gptq_stacked(weights: list[torch.Tensor], hessian: Hessian, bits: int, group_size: int, sym: bool,
+                 **kw) -> list[QuantResult]:
+    """GPTQ of linears that read the same input (one Hessian) as one solve. Given H, GPTQ treats each
+    row on its own (its grid, its error feedback), so the rows of q/k/v, of gate/up or of the experts'
+    w1/w3 stacked give each linear its own result, with one factorization and one column loop for all
+    (the loop is launch-bound on a GPU: one loop over taller columns costs about what one did)."""
+    if len(weights) == 1:
+        return [gptq(weights[0], hessian, bits, group_size, sym, **kw)[0]]
+    res, _ = gptq(torch.cat(weights), hessian, bits, group_size, sym, **kw)
+    out, r0 = [], 0
+    for w in weights:
+        r1 = r0 + w.shape[0]
+        out.append(QuantResult(res.codes[:, r0:r1].contiguous(), res.zeros[:, r0:r1].contiguous(),
+                               res.scales[:, r0:r1].contiguous(), res.g_idx, res.dequant[r0:r1]))
+        r0 = r1
+    return out
 
 
 def _group(W1t: torch.Tensor, W: torch.Tensor, Et: torch.Tensor, Hinv: torch.Tensor, i1: int, a: int,
