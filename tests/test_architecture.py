@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mtool"
 # model <- convert/quantize/merge/vocab <- verify/artifacts <- release <- cli; the ground floor is shared helpers
 LAYER = {
     "errors": 0, "outputs": 0, "numerics": 0, "device": 0, "gguf_file": 0, "ggml": 0, "memory": 0, "data": 0,
-    "recipes": 0, "__init__": 0, "dtypes": 0, "direct_write": 0,
+    "recipes": 0, "__init__": 0, "dtypes": 0, "direct_write": 0, "buffers": 0,
     "model": 1,
     "convert": 2, "quantize": 2, "merge": 2, "vocab": 2,
     "verify": 3, "artifacts": 3,

@@ -82,14 +82,22 @@ def test_imatrix_types_are_refused_before_any_work(trained, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("tag", ["llama", "mixtral"])
-def test_quantize_command_equals_the_one_pass_route(models, tmp_path, tag):
+@pytest.mark.parametrize("tag,imatrix", [("llama", False), ("mixtral", False), ("mixtral", True)])
+def test_quantize_command_equals_the_one_pass_route(models, tmp_path, tag, imatrix):
     """`mtool quantize` of mtool's own bf16 GGUF gives the same tensors as `mtool convert` in one pass,
-    and keeps the metadata and vocabulary."""
+    and keeps the metadata and vocabulary; with an importance matrix too (experts quantized one by one,
+    each with its own importances, into the one output tensor)."""
     src, bf16 = models[tag]
     one_pass, requant = tmp_path / "one.gguf", tmp_path / "re.gguf"
-    assert CliRunner().invoke(cli, ["convert", str(src), "-o", str(one_pass), "--outtype", "q4_k_m", "-q"]).exit_code == 0
-    r = CliRunner().invoke(cli, ["quantize", str(bf16), "-o", str(requant), "--outtype", "q4_k_m", "-q"])
+    extra = []
+    if imatrix:
+        im = tmp_path / "im.gguf"
+        r = CliRunner().invoke(cli, ["imatrix", str(src), "-o", str(im), "--nsamples", "4", "--seqlen", "32", "-q"])
+        assert r.exit_code == 0, r.output + r.stderr
+        extra = ["--imatrix", str(im)]
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(one_pass), "--outtype", "q4_k_m", "-q", *extra])
+    assert r.exit_code == 0, r.output + r.stderr
+    r = CliRunner().invoke(cli, ["quantize", str(bf16), "-o", str(requant), "--outtype", "q4_k_m", "-q", *extra])
     assert r.exit_code == 0, r.output + r.stderr
     assert "bits per weight" in r.output and "fallback(s)" in r.output
     a = gguf.GGUFReader(str(one_pass))

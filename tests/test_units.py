@@ -203,9 +203,9 @@ def test_fast_gguf_reader_builds_gguf_pys_fields(tmp_path):
 
 
 def test_recycler_reuses_only_its_own_buffers():
-    from mtool.convert.gguf_export import _Recycler
+    from mtool.buffers import Recycler
 
-    r = _Recycler(keep=1)
+    r = Recycler(keep=1)
     a = r.take(1000)
     base = a.ctypes.data
     r.give(a.view(np.float16).reshape(10, 50))  # a view of it comes back after writing

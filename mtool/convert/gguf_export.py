@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ..buffers import Recycler
 from ..dtypes import FLOATS, DType, as_dtype, to_storage
 from ..errors import InputError, MtoolError, UsageError
 from ..model import experts
@@ -231,43 +231,8 @@ def _read(lt: LazyTensor) -> tuple[np.ndarray, DType]:
     return a, dtype
 
 
-class _Recycler:
-    """Output buffers handed back once written, reused for the next encodings.
-
-    Fresh memory costs the kernel a page fault and a page of zeros per 4 KB: on the 2-core VM that
-    was a third of a real-size MoE f16 conversion (perf: clear_page_erms under the converter).
-    At most `keep` free buffers are kept; only buffers made here are taken back."""
-
-    def __init__(self, keep: int):
-        self._keep = keep
-        self._free: list[np.ndarray] = []
-        self._made: set[int] = set()
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> np.ndarray:
-        with self._lock:  # the free list is sorted by size: the first that fits is the smallest
-            k = next((k for k, b in enumerate(self._free) if b.size >= nbytes), None)
-            if k is not None:
-                return self._free.pop(k)[:nbytes]
-        buf = np.empty(nbytes, dtype=np.uint8)
-        with self._lock:
-            self._made.add(id(buf))
-        return buf
-
-    def give(self, arr: np.ndarray) -> None:
-        root = arr
-        while isinstance(root.base, np.ndarray):
-            root = root.base
-        with self._lock:
-            if id(root) in self._made:
-                self._free.append(root)
-                self._free.sort(key=lambda b: b.size)
-                while len(self._free) > self._keep:  # the smallest go: big ones save the most
-                    self._made.discard(id(self._free.pop(0)))
-
-
 def _prepare_part(model: CanonicalModel, lt: LazyTensor, qtype: Q, imp=None,
-                  recycler: _Recycler | None = None) -> np.ndarray:
+                  recycler: Recycler | None = None) -> np.ndarray:
     a, dtype = _read(lt)
     amax = check_finite(a, lt.name, dtype)
     if qtype == Q.F16 and amax > F16_MAX:
@@ -368,7 +333,7 @@ def export_gguf(
                 # encoded and written expert by expert, so at most about two experts' worth of
                 # a stack is in memory at once.
                 todo = deque(_pieces(planned, imps))
-                recycler = _Recycler(keep=n_workers + 1)
+                recycler = Recycler(keep=n_workers + 1)
                 budget = max(INFLIGHT_BYTES, max(piece.nbytes for piece in todo))
                 ahead: deque = deque()
                 inflight = 0

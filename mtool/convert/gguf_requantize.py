@@ -19,6 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ..buffers import Recycler
 from ..dtypes import DType
 from ..errors import InputError, UsageError
 from ..gguf_file import open_gguf
@@ -48,10 +49,10 @@ def input_shards(path: Path) -> list[Path]:
     return shards
 
 
-def _load(fd: int, t, qtype: Q, src: Path) -> tuple[np.ndarray, DType | None]:
+def _load(fd: int, t, qtype: Q, src: Path, take) -> tuple[np.ndarray, DType | None]:
     """One tensor's bytes (kept as they are when its type stays: dtype None), or its values as
-    numpy storage of its float type, checked for NaN/Inf."""
-    buf = np.empty(int(t.n_bytes), dtype=np.uint8)
+    numpy storage of its float type, checked for NaN/Inf. Read into `take(nbytes)`."""
+    buf = take(int(t.n_bytes))
     if os.preadv(fd, [buf], int(t.data_offset)) != buf.nbytes:
         raise InputError(f"{src} is truncated: tensor {t.name} ends past the end of the file")
     if qtype == t.tensor_type:
@@ -63,13 +64,17 @@ def _load(fd: int, t, qtype: Q, src: Path) -> tuple[np.ndarray, DType | None]:
     return a, dtype
 
 
-def _encode(x: np.ndarray, dtype: DType, qtype: Q, name: str, imp: np.ndarray | None) -> np.ndarray:
-    """libggml's bytes; a 3-D expert tensor is quantized expert by expert with its own importances."""
-    if imp is None or x.ndim < 3:
-        return encode(x, dtype, qtype, name=name, imatrix=imp)
-    n = x.shape[-1]
-    return np.stack([encode(x[e], dtype, qtype, name=name, imatrix=imp[e * n : (e + 1) * n])
-                     for e in range(x.shape[0])])
+def _encode(x: np.ndarray, dtype: DType, qtype: Q, name: str, imp: np.ndarray | None, take) -> np.ndarray:
+    """libggml's bytes, into `take(nbytes)`; a 3-D expert tensor with importances is quantized expert by
+    expert, each with its own, into its slice of the one output."""
+    if imp is None or x.ndim < 3 or qtype in FLOAT_DTYPES:
+        return encode(x, dtype, qtype, name=name, imatrix=imp, alloc=take)
+    n, per = x.shape[-1], encoded_nbytes(tuple(x.shape[1:]), qtype)
+    out = take(per * x.shape[0])
+    for e in range(x.shape[0]):
+        encode(x[e], dtype, qtype, name=name, imatrix=imp[e * n : (e + 1) * n],
+               alloc=lambda nbytes, e=e: out[e * per : (e + 1) * per])
+    return out
 
 
 def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int = 0, force: bool = False,
@@ -126,18 +131,25 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
         bar = progress_bar(total, progress, "quantizing")
         # Tensors are read with pread (not through the reader's memory map, whose touched pages
         # would stay resident: RSS would grow with the file) one ahead of the quantizer.
+        # Input and output buffers are recycled (buffers.Recycler): fresh ones cost page zeroing per tensor.
         fds = {s: os.open(s, os.O_RDONLY) for s in shards}
+        inputs, outputs = Recycler(keep=2), Recycler(keep=1)
         try:
             with tensor_data, ThreadPoolExecutor(max_workers=1) as reader:
                 items = [(fds[shard], t, plan.types[t.name]) for shard, r in zip(shards, readers) for t in r.tensors]
-                nxt = reader.submit(_load, *items[0], src) if items else None
+                nxt = reader.submit(_load, *items[0], src, inputs.take) if items else None
                 for k, (_, t, qtype) in enumerate(items):
-                    data, dtype = nxt.result()
-                    nxt = reader.submit(_load, *items[k + 1], src) if k + 1 < len(items) else None
+                    raw, dtype = nxt.result()
+                    nxt = reader.submit(_load, *items[k + 1], src, inputs.take) if k + 1 < len(items) else None
+                    data = raw
                     if dtype is not None:
-                        data = _encode(data.reshape(shapes[t.name]), dtype, qtype, t.name, imps.get(t.name))
+                        data = _encode(raw.reshape(shapes[t.name]), dtype, qtype, t.name, imps.get(t.name),
+                                       outputs.take)
                     tensor_data.write(data)
-                    del data
+                    if data is not raw:
+                        outputs.give(data)
+                    inputs.give(raw)
+                    del data, raw
                     if bar:
                         bar.update(encoded_nbytes(shapes[t.name], qtype))
         finally:

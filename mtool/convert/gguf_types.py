@@ -16,6 +16,7 @@ from math import prod
 import gguf
 import numpy as np
 
+from ..buffers import scratch
 from ..dtypes import BF16, F16, F32, DType
 from ..ggml import ggml
 from .quant_policy import KQUANTS
@@ -116,9 +117,9 @@ def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatr
     rows = a.reshape(-1, n)
     res = out.reshape(rows.shape[0], g.row_size(int(qtype), n))
     step = max(1, QUANT_CHUNK_ELEMENTS // n)
-    scratch = np.empty((min(step, rows.shape[0]), n), dtype=np.float32)
+    f32_rows = scratch((min(step, rows.shape[0]), n), np.float32)  # reused: fresh pages cost as much as converting
     for r in range(0, rows.shape[0], step):
         chunk = rows[r : r + step]
-        f32 = chunk if dtype == F32 else g.convert(chunk, dtype.name, "float32", scratch[: len(chunk)])
+        f32 = chunk if dtype == F32 else g.convert(chunk, dtype.name, "float32", f32_rows[: len(chunk)])
         g.quantize(f32, int(qtype), imatrix, name=name, out=res[r : r + step])
     return res.reshape(gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype))
