@@ -10,6 +10,7 @@ group-wise min/max quantization grids found when a group starts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -144,7 +145,7 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
     scales, zeros = [], []
     loss = torch.zeros(out_f, device=W.device)
     s = z = None
-    graphs = _BlockGraphs.get(W.device, out_f, block_size, maxq) if gs % block_size == 0 else None
+    graphs = _BlockGraphs.get(W.device, out_f, maxq) if gs % block_size == 0 else None
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         # the block in column-major form: column i is row i, contiguous (the loop reads and writes one
@@ -192,7 +193,7 @@ def gptq_stacked(weights: list[torch.Tensor], hessian: Hessian, bits: int, group
     """GPTQ of linears that read the same input (one Hessian) as one solve. Given H, GPTQ treats each
     row on its own (its grid, its error feedback), so the rows of q/k/v, of gate/up or of the experts'
     w1/w3 stacked give each linear its own result, with one factorization and one column loop for all
-    (the loop is launch-bound on a GPU: one loop over taller columns costs about what one did)."""
+    (the loop's per-op overhead is paid once instead of once per linear)."""
     if len(weights) == 1:
         return [gptq(weights[0], hessian, bits, group_size, sym, **kw)[0]]
     res, _ = gptq(torch.cat(weights), hessian, bits, group_size, sym, **kw)
@@ -236,7 +237,8 @@ def _columns(W1t: torch.Tensor, Hinv1: torch.Tensor, Qt: torch.Tensor, Et: torch
 class _BlockGraphs:
     """CUDA graphs of `_columns` over whole blocks, one per (device, rows, block width, maxq), captured
     on first use and replayed: the column loop is ~1,000 tiny kernels a block, launch-bound on a GPU
-    when each is launched from Python. Set MTOOL_CUDA_GRAPHS=0 to launch them one by one."""
+    when each is launched from Python. Kept for the process (static buffers of 3 x block x rows floats
+    each: a few hundred MB at most for the shapes of one model). MTOOL_CUDA_GRAPHS=0 launches op by op."""
 
     _cache: dict = {}
 
@@ -245,9 +247,7 @@ class _BlockGraphs:
         self.by_width: dict[int, object] = {}
 
     @classmethod
-    def get(cls, device: torch.device, rows: int, block: int, maxq: int) -> _BlockGraphs | None:
-        import os
-
+    def get(cls, device: torch.device, rows: int, maxq: int) -> _BlockGraphs | None:
         if device.type != "cuda" or os.environ.get("MTOOL_CUDA_GRAPHS", "1") == "0":
             return None
         key = (str(device), rows, maxq)
