@@ -31,7 +31,27 @@ def _direct_enabled() -> bool:
     return os.environ.get("MTOOL_DIRECT_IO", "1") not in ("0", "false", "no") and hasattr(os, "O_DIRECT")
 
 
-class SequentialWriter:
+class FinishOrAbort:
+    """Context-manager protocol of the sequential writers: close() (finish, flush, check) when the
+    block ends normally, abort() (stop; the output transaction removes the files) on an error."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SequentialWriter(FinishOrAbort):
     """Append-only writer of one file; `write` takes any bytes-like object.
 
     The file is created (truncated); bytes land at consecutive offsets from 0."""
@@ -133,12 +153,3 @@ class SequentialWriter:
         for b in self._bufs:
             b.close()
         os.close(self._fd)
-
-    def __enter__(self) -> SequentialWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -21,7 +21,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ..direct_write import SequentialWriter
+from ..direct_write import FinishOrAbort, SequentialWriter
 from ..outputs import commit_files
 from .gguf_types import Q, encoded_nbytes, writer_shape_dtype
 
@@ -97,7 +97,7 @@ def write_header(w: gguf.GGUFWriter, infos: list[tuple[str, tuple[int, ...], Q]]
     return TensorData(w)
 
 
-class TensorData:
+class TensorData(FinishOrAbort):
     """Appends tensor data to the files whose headers `w` has written (one per split shard)."""
 
     def __init__(self, w: gguf.GGUFWriter):
@@ -181,15 +181,6 @@ class TensorData:
         """Stop after an error (the caller's output transaction removes the files)."""
         for s in self._sinks:
             s.abort()
-
-    def __enter__(self) -> TensorData:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def commit_gguf(staging: Path, out: Path, old_shards: list[Path], force: bool) -> list[Path]:

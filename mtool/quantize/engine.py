@@ -324,25 +324,25 @@ def _quantize_into(layer, names: list[str], h: Hessian, s: QuantSettings, n_ff: 
     the layer runs; results come back on the CPU for packing. GPTQ solves them stacked, a budget of
     rows at a time (`gptq_stacked`)."""
     budget = STACK_ELEMENTS["cuda" if str(s.device).startswith("cuda") else "cpu"]
+    handles = {n: weight_handle(layer, n, n_ff) for n in names}
     stacks: list[list[str]] = []
     size = 0
     for n in names:
-        numel = weight_handle(layer, n, n_ff)[0]().numel()
+        numel = handles[n][0]().numel()
         if not stacks or size + numel > budget:
             stacks.append([])
             size = 0
         stacks[-1].append(n)
         size += numel
     for stack in stacks:
-        handles = [weight_handle(layer, n, n_ff) for n in stack]
-        ws = [get().clone() for get, _ in handles]
+        ws = [handles[n][0]().clone() for n in stack]
         if s.method == "rtn":
             rs = [rtn(w, s.bits, s.group_size, s.sym) for w in ws]
         else:
             rs = gptq_stacked(ws, h, s.bits, s.group_size, s.sym, desc_act=s.desc_act, damp=s.damp)
-        for n, w, (_, put), r in zip(stack, ws, handles, rs):
+        for n, w, r in zip(stack, ws, rs):
             errors[n] = _rel_error(w, r.dequant, h.h)  # where the Hessian is: no copy of it to the CPU per linear
-            put(r.dequant.to(s.device))
+            handles[n][1](r.dequant.to(s.device))
             results[n] = replace(r, dequant=None)  # the layer holds it now
 
 

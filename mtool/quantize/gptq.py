@@ -152,7 +152,6 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
         # column at a time; coalesced on a GPU, cache lines on a CPU)
         W1t = W[:, i1:i2].t().contiguous()
         Hinv1 = Hinv[i1:i2, i1:i2]
-        Qt, Et = torch.empty_like(W1t), torch.empty_like(W1t)
         if gs % block_size == 0:
             # groups span whole blocks: a grid starts at most at the block's first column, from the
             # (already error-compensated) columns of its group
@@ -162,10 +161,12 @@ def gptq(weight: torch.Tensor, hessian: Hessian, bits: int, group_size: int, sym
                 zeros.append(z)
             graph = graphs.graph(i2 - i1) if graphs is not None else None
             if graph is not None:
-                Qt, Et = graph.run(W1t, Hinv1, s, z)
+                Qt, Et = graph.run(W1t, Hinv1, s, z)  # the graph's own output buffers
             else:
+                Qt, Et = torch.empty_like(W1t), torch.empty_like(W1t)
                 _columns(W1t, Hinv1, Qt, Et, s, z, maxq, 0, i2 - i1)
         else:
+            Qt, Et = torch.empty_like(W1t), torch.empty_like(W1t)
             # segments of the block between the columns where a group starts
             cuts = sorted({0, i2 - i1} | {c - i1 for c in range(i1, i2) if c % gs == 0})
             for a, b in zip(cuts, cuts[1:]):
