@@ -44,12 +44,16 @@ class Recycler:
 _local = threading.local()
 
 
-def scratch(shape: tuple[int, ...], dtype) -> np.ndarray:
+def scratch(shape: tuple[int, ...], dtype, slot: str = "work") -> np.ndarray:
     """A per-thread scratch array of `shape` (contents undefined), grown as needed and kept: for
-    temporaries that each call overwrites before reading (at most one live per thread)."""
+    temporaries that each call overwrites before reading (at most one live per thread and `slot`;
+    callers that nest use different slots)."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    buf = getattr(_local, "buf", None)
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(slot)
     if buf is None or buf.size < n:
-        buf = _local.buf = np.empty(n, dtype=np.uint8)
+        buf = bufs[slot] = np.empty(n, dtype=np.uint8)
     return buf[:n].view(dtype).reshape(shape)

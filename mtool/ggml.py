@@ -21,12 +21,13 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from .buffers import scratch
 from .dtypes import BY_NAME
 from .errors import InputError, MtoolError, UsageError
 
@@ -43,8 +44,9 @@ _SIGNATURES = {
     "ggml_type_size": (ctypes.c_size_t, [ctypes.c_int]),
     "ggml_type_name": (ctypes.c_char_p, [ctypes.c_int]),
 }
-# rows per call: big enough to amortize the call, small enough to spread over threads
-_CHUNK_ROWS = 64
+# values per quantizer job (whole rows): big enough to amortize a job's Python overhead (~20 us),
+# small enough that its float32 rows stay in cache between conversion and quantization
+_JOB_VALUES = 1 << 18
 _CPU_LIB_NAMES = ("libggml-cpu.so", "libggml-cpu.so.*", "libggml-cpu.dylib", "libggml-cpu.*.dylib", "ggml-cpu.dll")
 # ggml_cpu_<from>_to_<to>(const void * x, void * y, int64_t n)
 _CONVERTERS = {("bfloat16", "float32"): "ggml_cpu_bf16_to_fp32", ("float16", "float32"): "ggml_cpu_fp16_to_fp32",
@@ -170,12 +172,38 @@ class GGML:
             raise UsageError(f"rows of {n_per_row} values cannot be stored as {self.type_name(qtype)} "
                              f"(blocks of {blck})")
 
-    def quantize(self, x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None, *, threads: int = 0,
-                 name: str = "tensor", out: np.ndarray | None = None) -> np.ndarray:
-        """Quantize the rows of `x` (float32, [..., n_per_row]) as `qtype`; returns the GGUF bytes
-        as uint8 [rows, row_size] (in `out` when given). `imatrix`: one importance per column."""
+    def quantize(self, x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None, *, src: str = "float32",
+                 threads: int = 0, name: str = "tensor", out: np.ndarray | None = None) -> np.ndarray:
+        """Quantize the rows of `x` (numpy storage of `src`: float32, float16 or bfloat16 bits,
+        [..., n_per_row]) as `qtype`; returns the GGUF bytes as uint8 [rows, row_size] (in `out`
+        when given). `imatrix`: one importance per column. `threads`: 1 runs on this thread, N on a
+        pool of N, 0 on the process's pool."""
+        if threads:
+            job = self._jobs(x, qtype, imatrix, src, name, out)
+            if threads == 1:
+                written = sum(job.run(r0) for r0 in job.starts)
+            else:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    written = sum(pool.map(job.run, job.starts))
+            return job.check(written)
+        return self.submit(x, qtype, imatrix, src=src, name=name, out=out).result()
+
+    def submit(self, x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None, *, src: str = "float32",
+               name: str = "tensor", out: np.ndarray | None = None) -> "Pending":
+        """`quantize` queued on the process's pool; `.result()` waits and returns the bytes. Jobs queue
+        behind those submitted before, so a caller that submits the next tensor before waiting on
+        this one keeps the quantizer threads busy across tensors (no barrier between them)."""
+        job = self._jobs(x, qtype, imatrix, src, name, out)
+        return Pending(job, [self.pool().submit(job.run, r0) for r0 in job.starts])
+
+    def _jobs(self, x: np.ndarray, qtype: int, imatrix: np.ndarray | None, src: str, name: str,
+              out: np.ndarray | None) -> "_Jobs":
         qtype = int(qtype)
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        if src not in BY_NAME or BY_NAME[src].np_storage not in (np.float32, np.float16, np.uint16):
+            raise ValueError(f"quantize: source type {src} is not float32, float16 or bfloat16")
+        x = np.ascontiguousarray(x)
+        if x.dtype != BY_NAME[src].np_storage:
+            raise ValueError(f"quantize: {src} values must be stored as {BY_NAME[src].np_storage}, not {x.dtype}")
         n_per_row = int(x.shape[-1]) if x.ndim else 0
         self._check_row(qtype, n_per_row)
         rows = x.size // n_per_row
@@ -195,25 +223,46 @@ class GGML:
             out = np.empty((rows, row_size), dtype=np.uint8)
         elif out.dtype != np.uint8 or out.shape != (rows, row_size) or not out.flags.c_contiguous:
             raise ValueError(f"quantize: output must be contiguous uint8 {(rows, row_size)}")
-        src, dst = x.ctypes.data, out.ctypes.data
-        imp = imatrix.ctypes.data if imatrix is not None else None
+        return _Jobs(self, x.reshape(rows, n_per_row), src, qtype, imatrix, out, name)
 
-        def run(r0: int) -> int:
-            n = min(_CHUNK_ROWS, rows - r0)
-            # `start` counts values; libggml asserts it is a whole number of rows
-            return int(self.lib.ggml_quantize_chunk(qtype, src, dst, r0 * n_per_row, n, n_per_row, imp))
 
-        starts = range(0, rows, _CHUNK_ROWS)
-        if threads == 1 or rows <= _CHUNK_ROWS:
-            written = sum(run(r0) for r0 in starts)
-        elif threads:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                written = sum(pool.map(run, starts))
-        else:
-            written = sum(self.pool().map(run, starts))
-        if written != out.nbytes:
-            raise MtoolError(f"libggml wrote {written} bytes for {name}, expected {out.nbytes}")
-        return out
+class _Jobs:
+    """One tensor's quantization cut into jobs of whole rows. Each job converts its rows to float32
+    in its thread's scratch (in cache) and quantizes them from there: the conversion runs on all
+    quantizer threads instead of before them, and no float32 copy of the tensor exists."""
+
+    def __init__(self, g: GGML, rows: np.ndarray, src: str, qtype: int, imatrix: np.ndarray | None,
+                 out: np.ndarray, name: str):
+        self.g, self.rows, self.src, self.qtype, self.imatrix, self.out, self.name = g, rows, src, qtype, imatrix, out, name
+        self.step = max(1, _JOB_VALUES // rows.shape[1])
+        self.starts = range(0, rows.shape[0], self.step)
+
+    def run(self, r0: int) -> int:
+        part, n_per_row = self.rows[r0 : r0 + self.step], self.rows.shape[1]
+        if self.src != "float32":
+            part = self.g.convert(part, self.src, "float32", scratch(part.shape, np.float32, slot="quantize"))
+        imp = self.imatrix.ctypes.data if self.imatrix is not None else None
+        dst = self.out.ctypes.data + r0 * self.out.shape[1]
+        # `start` (values) is 0: libggml offsets src and dst by it; both are offset here already
+        return int(self.g.lib.ggml_quantize_chunk(self.qtype, part.ctypes.data, dst, 0, len(part), n_per_row, imp))
+
+    def check(self, written: int) -> np.ndarray:
+        if written != self.out.nbytes:
+            raise MtoolError(f"libggml wrote {written} bytes for {self.name}, expected {self.out.nbytes}")
+        return self.out
+
+
+class Pending:
+    """Quantization queued on the pool (`GGML.submit`)."""
+
+    def __init__(self, job: _Jobs, futures: list[Future]):
+        self._job, self._futures = job, futures
+
+    def result(self) -> np.ndarray:
+        """Wait for every job (also when one failed: none may still write into the output) and
+        return the bytes."""
+        wait(self._futures)
+        return self._job.check(sum(f.result() for f in self._futures))
 
 
 def _numpy_convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:

@@ -90,6 +90,33 @@ def test_threads_do_not_change_bytes():
     assert one.shape == (1000, ggml().row_size(Q.Q4_K, 512)) == (1000, 512 // 256 * 144)
 
 
+def test_half_storage_quantizes_as_its_float32_values():
+    """bf16/f16 storage is converted job by job in the quantizer threads: the bytes must be those of
+    quantizing its float32 values (rows not a multiple of a job's rows, with and without importances)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3001, 768)).astype(np.float32)
+    imp = rng.random(768).astype(np.float32)
+    b16 = (x.view(np.uint32) >> 16).astype(np.uint16)  # a bf16 value of each, exactly representable
+    f16 = x.astype(np.float16)
+    cases = [(b16, "bfloat16", (b16.astype(np.uint32) << 16).view(np.float32)), (f16, "float16", f16.astype(np.float32))]
+    g = ggml()
+    for storage, src, values in cases:
+        for qtype, im in ((Q.Q4_K, None), (Q.Q8_0, None), (Q.IQ4_XS, imp)):
+            assert np.array_equal(g.quantize(storage, qtype, im, src=src), g.quantize(values, qtype, im)), (src, qtype)
+    with pytest.raises(ValueError, match="must be stored as"):
+        g.quantize(x, Q.Q4_K, src="bfloat16")
+
+
+def test_queued_tensors_keep_their_bytes():
+    """Tensors submitted back to back share the pool's queue; each result is its own tensor's bytes."""
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((rows, 512)).astype(np.float32) for rows in (700, 3, 1500)]
+    g = ggml()
+    pending = [g.submit(x, Q.Q5_K) for x in xs]
+    for x, p in zip(xs, pending):
+        assert np.array_equal(p.result(), g.quantize(x, Q.Q5_K, threads=1))
+
+
 def test_preconditions_are_errors_not_aborts():
     g = ggml()
     x = np.ones((4, 320), dtype=np.float32)

@@ -16,7 +16,6 @@ from math import prod
 import gguf
 import numpy as np
 
-from ..buffers import scratch
 from ..dtypes import BF16, F16, F32, DType
 from ..ggml import ggml
 from .quant_policy import KQUANTS
@@ -93,7 +92,14 @@ def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...
     return gguf.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
 
 
-QUANT_CHUNK_ELEMENTS = 16 << 20  # values per libggml call: 64 MB of float32 scratch
+class Encoded:
+    """An encoding already done (float types, unchanged tensors): `.result()` as for a queued one."""
+
+    def __init__(self, data: np.ndarray):
+        self._data = data
+
+    def result(self) -> np.ndarray:
+        return self._data
 
 
 def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatrix: np.ndarray | None = None,
@@ -102,9 +108,17 @@ def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatr
     returns the bytes GGUF stores (`a` itself where no conversion is needed). `imatrix`: one
     importance per column (quantized types). `alloc(nbytes)`: where the output goes (a uint8
     buffer of exactly that many bytes), when one is needed; a fresh array otherwise."""
+    return submit_encode(a, dtype, qtype, name=name, imatrix=imatrix, alloc=alloc).result()
+
+
+def submit_encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatrix: np.ndarray | None = None,
+                  alloc: Callable[[int], np.ndarray] | None = None):
+    """`encode`, with a quantization queued on libggml's thread pool rather than waited for:
+    returns an object whose `.result()` gives the bytes (`a` and the output must stay untouched
+    until then)."""
     a = np.ascontiguousarray(a)
     if qtype in FLOAT_DTYPES and FLOAT_DTYPES[qtype] == dtype:
-        return a
+        return Encoded(a)
     g = ggml()
     nbytes = encoded_nbytes(tuple(a.shape), qtype)
     out = np.empty(nbytes, dtype=np.uint8) if alloc is None else alloc(nbytes)
@@ -112,14 +126,18 @@ def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatr
         raise ValueError(f"encode: output buffer must be {nbytes} contiguous bytes")
     if qtype in FLOAT_DTYPES:
         dst = FLOAT_DTYPES[qtype]
-        return g.convert(a, dtype.name, dst.name, out.view(dst.np_storage).reshape(a.shape))
+        return Encoded(g.convert(a, dtype.name, dst.name, out.view(dst.np_storage).reshape(a.shape)))
     n = int(a.shape[-1])
     rows = a.reshape(-1, n)
     res = out.reshape(rows.shape[0], g.row_size(int(qtype), n))
-    step = max(1, QUANT_CHUNK_ELEMENTS // n)
-    f32_rows = scratch((min(step, rows.shape[0]), n), np.float32)  # reused: fresh pages cost as much as converting
-    for r in range(0, rows.shape[0], step):
-        chunk = rows[r : r + step]
-        f32 = chunk if dtype == F32 else g.convert(chunk, dtype.name, "float32", f32_rows[: len(chunk)])
-        g.quantize(f32, int(qtype), imatrix, name=name, out=res[r : r + step])
-    return res.reshape(gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype))
+    pending = g.submit(rows, int(qtype), imatrix, src=dtype.name, name=name, out=res)
+    byte_shape = gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype)
+    return _Reshaped(pending, byte_shape)
+
+
+class _Reshaped:
+    def __init__(self, pending, shape: tuple[int, ...]):
+        self._pending, self._shape = pending, shape
+
+    def result(self) -> np.ndarray:
+        return self._pending.result().reshape(self._shape)
