@@ -6,7 +6,8 @@ with the full bf16 GGUF on disk in between. mtool streams the HF tensors through
 and libggml kernels into the file. Every route runs once per round, rounds interleaved (this VM's
 CPU speed drifts by 10-25 %); prints the median and range of wall time and of CPU seconds, peak RSS
 and the extra disk each route needs beyond its output. Also: `mtool quantize` against
-`llama_model_quantize` on the same bf16 GGUF (llama.cpp's, flushed to disk first), and `mtool
+`llama_model_quantize` on the same bf16 GGUF (llama.cpp's; the two alternate which runs first, each
+after a sync), and `mtool
 imatrix` throughput (tokens/s) on the first size.
 
     python bench/bench_kquant.py                 # ~0.5B model
@@ -61,7 +62,7 @@ def main() -> None:
         nbytes = make_model(src, layers)
         runs: dict[str, list] = {}
         extra = 0
-        for _ in range(args.rounds):  # interleaved: every route once per round
+        for rnd in range(args.rounds):  # interleaved: every route once per round
             ours = OUT / f"mtool-{layers}L-{args.outtype}.gguf"
             runs.setdefault("mtool convert (one pass)", []).append(
                 timed([sys.executable, "-m", "mtool.cli", "convert", str(src), "-o", str(ours),
@@ -73,16 +74,22 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=str(conv.parent / "gguf-py"))
             c = timed([sys.executable, str(conv), str(src), "--outfile", str(bf16), "--outtype", "bf16"], env)
             extra = bf16.stat().st_size if bf16.exists() else 0
-            os.sync()  # the converter's dirty pages are not written back during the quantizers' runs
-            q = timed([sys.executable, "-c", QUANTIZE, str(bf16), str(theirs), args.outtype])
+            req = OUT / f"mtool-requant-{layers}L-{args.outtype}.gguf"
+            quantizers = {
+                "  llama_model_quantize (bf16 GGUF)": [sys.executable, "-c", QUANTIZE, str(bf16), str(theirs),
+                                                       args.outtype],
+                "  mtool quantize (bf16 GGUF)": [sys.executable, "-m", "mtool.cli", "quantize", str(bf16), "-o",
+                                                 str(req), "--outtype", args.outtype, "--force", "-q"]}
+            order = list(quantizers) if rnd % 2 == 0 else list(quantizers)[::-1]  # A B, then B A
+            for route in order:
+                os.sync()  # no earlier run's dirty pages written back during this one
+                runs.setdefault(route, []).append(timed(quantizers[route]))
+            q = runs["  llama_model_quantize (bf16 GGUF)"][-1]
             runs.setdefault("llama.cpp convert bf16 + quantize", []).append(
                 (c[0] + q[0], max(c[1], q[1]), c[2] or q[2], c[3] + q[3]))
-            runs.setdefault("  llama_model_quantize (bf16 GGUF)", []).append(q)
-            req = OUT / f"mtool-requant-{layers}L-{args.outtype}.gguf"
-            runs.setdefault("  mtool quantize (bf16 GGUF)", []).append(
-                timed([sys.executable, "-m", "mtool.cli", "quantize", str(bf16), "-o", str(req),
-                       "--outtype", args.outtype, "--force", "-q"]))
-        for route, rs in runs.items():
+        shown = ["mtool convert (one pass)", "llama.cpp convert bf16 + quantize", "  llama_model_quantize (bf16 GGUF)",
+                 "  mtool quantize (bf16 GGUF)"]
+        for route, rs in sorted(runs.items(), key=lambda kv: shown.index(kv[0])):
             disk = extra if route.startswith("llama.cpp") else 0
             size_in = extra if route.startswith("  ") else nbytes
             rows.append((route, layers, size_in, rs, disk))

@@ -72,6 +72,13 @@ class _Group(click.Group):
         except Terminated:
             click.echo("terminated; no output was written", err=True)
             ctx.exit(EXIT_SIGTERM)
+        except ModuleNotFoundError as e:  # a dependency this step needs is missing or broken
+            if _debug_enabled(ctx):
+                traceback.print_exc()
+            package = (e.name or "a package").split(".")[0]
+            click.echo(f"error: this step needs the Python package '{package}', which cannot be imported "
+                       f"({_one_line(e)}); install mtool's dependencies (make install)", err=True)
+            ctx.exit(EXIT_ERROR)
         except Exception as e:  # noqa: BLE001 - the contract: never a bare traceback
             if _debug_enabled(ctx):
                 traceback.print_exc()

@@ -58,3 +58,5 @@ def test_a_tensor_that_needs_arithmetic_names_torch(gqa_model, tmp_path):
     r = _mtool_without_torch("convert", str(gqa_model), "-o", str(tmp_path / "gptq"), "--to", "gptq")
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "needs the Python package 'torch'" in r.stderr and "internal error" not in r.stderr
