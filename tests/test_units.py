@@ -216,3 +216,26 @@ def test_recycler_reuses_only_its_own_buffers():
     r.give(b)
     r.give(r.take(2000))  # keep=1: the larger stays
     assert r.take(1500).size == 1500 and r.take(1000).ctypes.data != base
+
+
+@pytest.mark.parametrize("shape", ["gqa_untied_spm", "mha_tied_bpe"])
+def test_verify_tokenizes_only_the_text_its_windows_need(shape, tiny_models, tmp_path):
+    """A large --data file: the windows (and the text both tokenizers are compared on) come from a
+    prefix, and they are the windows the whole text gives: from a long Chinese line without spaces
+    (the prefix cut mid-line) and from English lines after it."""
+    from mtool.data import builtin_text
+    from mtool.verify.report import open_reference
+    from mtool.verify.reftok import ReferenceTokenizer
+
+    model = tiny_models[shape]
+    chinese = "大型语言模型的转换与量化需要逐层验证每个工件的正确性" * 200  # one line, no spaces
+    full = "\n".join([chinese] + [builtin_text()] * 60)
+    data = tmp_path / "corpus.txt"
+    data.write_text(full, encoding="utf-8")
+    tok = ReferenceTokenizer.open(model)
+    ids = tok.encode(full)
+    bos = tok.bos_id if ids and tok.bos_id is not None and ids[0] == tok.bos_id else None
+    for ctx, n in ((64, 4), (128, 8), (256, 60)):
+        r = open_reference(model, data=data, ctx=ctx, max_windows=n)
+        assert r.windows == token_windows(ids, ctx, n, bos), (ctx, n)
+        assert len(r.text) < len(full) and full.startswith(r.text)

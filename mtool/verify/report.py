@@ -18,7 +18,7 @@ from ..model.checkpoint import read_json
 from ..model.canonical import CanonicalModel
 from ..model.families import NATIVE, load_canonical
 from ..data import load_text
-from .data import token_windows
+from .data import enough_text, token_windows
 from .metrics import ParityAccumulator, json_safe
 from .reftok import ReferenceTokenizer, compare_tokenization
 from .runners import HFRunner, open_candidate
@@ -160,6 +160,7 @@ def open_reference(ref: Path, *, data: Path | None = None, device: str = "auto",
     ctx = min(ctx, n_ctx)
     if ctx < 16:
         raise VerifySetupError(f"the reference's context ({n_ctx} tokens) is too short to verify with")
+    text = enough_text(text, tok.encode, ctx * max_windows)  # also what both tokenizers are compared on
     ids = tok.encode(text)
     bos = tok.bos_id if (ids and tok.bos_id is not None and ids[0] == tok.bos_id) else None
     windows = token_windows(ids, ctx, max_windows, bos)
