@@ -261,8 +261,18 @@ class Pending:
     def result(self) -> np.ndarray:
         """Wait for every job (also when one failed: none may still write into the output) and
         return the bytes."""
-        wait(self._futures)
+        try:
+            wait(self._futures)
+        except BaseException:  # Ctrl-C / SIGTERM while waiting: the rest need not run
+            self.cancel()
+            raise
         return self._job.check(sum(f.result() for f in self._futures))
+
+    def cancel(self) -> None:
+        """Drop the jobs not started yet: an interrupted run must not wait at exit for the pool to
+        quantize the rest of the tensor (the interpreter joins the pool's queued work)."""
+        for f in self._futures:
+            f.cancel()
 
 
 def _numpy_convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:

@@ -9,6 +9,7 @@ same way. Preconditions that would make libggml abort the process are errors ins
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import CancelledError
 import sys
 
 import gguf
@@ -145,3 +146,15 @@ def test_iq2_without_imatrix_does_not_abort_the_process():
             "except Exception as e:\n    print(type(e).__name__)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "UsageError", r.stderr
+
+
+def test_a_cancelled_tensor_leaves_no_queued_work():
+    """An interrupted run drops the jobs not started (the interpreter would join them at exit)."""
+    x = np.random.default_rng(4).standard_normal((4096, 4096)).astype(np.float32)  # 64 jobs
+    p = ggml().submit(x, Q.Q4_K)
+    p.cancel()
+    assert sum(f.cancelled() for f in p._futures) > len(p._futures) // 2
+    with pytest.raises(CancelledError):
+        p.result()
+    one = np.ones((2, 256), dtype=np.float32)  # the pool still works
+    assert np.array_equal(ggml().submit(one, Q.Q4_K).result(), ggml().quantize(one, Q.Q4_K, threads=1))

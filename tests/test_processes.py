@@ -93,6 +93,29 @@ def test_signal_cleans_up(slow_model, tmp_path, sig, code, message):
     assert sha_tree(slow_model) == before
 
 
+def test_interrupted_quantize_cleans_up(slow_model, tmp_path):
+    """Ctrl-C during `mtool quantize`, whose tensors are queued on the quantizer threads ahead of
+    the writer: exit 130, one line, no output, nothing left behind, the input untouched."""
+    from mtool.convert.gguf_export import export_gguf
+    from mtool.model.families import load_canonical
+
+    src = tmp_path / "m-bf16.gguf"
+    export_gguf(load_canonical(slow_model), src, outtype="bf16", progress=False)
+    before = src.read_bytes()
+    out = tmp_path / "q.gguf"
+    proc = subprocess.Popen(MTOOL + ["quantize", str(src), "-o", str(out), "--outtype", "q4_k_m", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for_staging(proc, out)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not out.exists() and _leftovers(out) == []
+    assert src.read_bytes() == before
+
+
 def test_sigkill_leftover_is_removed_by_the_next_run(slow_model, tmp_path):
     out = tmp_path / "o.gguf"
     proc = _start(slow_model, out)

@@ -91,6 +91,10 @@ class _AllOf:
             raise errors[0]
         return self._out
 
+    def cancel(self) -> None:
+        for p in self._parts:
+            p.cancel()
+
 
 def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int = 0, force: bool = False,
                     progress: bool = True, mixture: MixtureOptions | None = None) -> GGUFResult:
@@ -166,18 +170,23 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
                     if bar:
                         bar.update(encoded_nbytes(shapes[t.name], qtype))
 
-                for k, (_, t, qtype) in enumerate(items):
-                    raw, dtype = nxt.result()
-                    nxt = reader.submit(_load, *items[k + 1], src, inputs.take) if k + 1 < len(items) else None
-                    job = Encoded(raw) if dtype is None else _submit(raw.reshape(shapes[t.name]), dtype, qtype,
-                                                                     t.name, imps.get(t.name), outputs.take)
+                try:
+                    for k, (_, t, qtype) in enumerate(items):
+                        raw, dtype = nxt.result()
+                        nxt = reader.submit(_load, *items[k + 1], src, inputs.take) if k + 1 < len(items) else None
+                        job = Encoded(raw) if dtype is None else _submit(raw.reshape(shapes[t.name]), dtype, qtype,
+                                                                         t.name, imps.get(t.name), outputs.take)
+                        if queued is not None:
+                            finish(*queued)
+                        queued = (t, qtype, raw, job)
+                        del raw, job
                     if queued is not None:
                         finish(*queued)
-                    queued = (t, qtype, raw, job)
-                    del raw, job
-                if queued is not None:
-                    finish(*queued)
-                    queued = None
+                        queued = None
+                except BaseException:  # an error or an interrupt: the queued tensor is not quantized
+                    if queued is not None:
+                        queued[3].cancel()
+                    raise
         finally:
             for fd in fds.values():
                 os.close(fd)

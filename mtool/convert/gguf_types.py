@@ -101,6 +101,9 @@ class Encoded:
     def result(self) -> np.ndarray:
         return self._data
 
+    def cancel(self) -> None:
+        pass
+
 
 def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatrix: np.ndarray | None = None,
            alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
@@ -141,3 +144,6 @@ class _Reshaped:
 
     def result(self) -> np.ndarray:
         return self._pending.result().reshape(self._shape)
+
+    def cancel(self) -> None:
+        self._pending.cancel()
