@@ -7,8 +7,7 @@ and libggml kernels into the file. Every route runs once per round, rounds inter
 CPU speed drifts by 10-25 %); prints the median and range of wall time and of CPU seconds, peak RSS
 and the extra disk each route needs beyond its output. Also: `mtool quantize` against
 `llama_model_quantize` on the same bf16 GGUF (llama.cpp's; the two alternate which runs first, each
-after a sync), and `mtool
-imatrix` throughput (tokens/s) on the first size.
+after a sync), and `mtool imatrix` throughput (tokens/s) on the first size.
 
     python bench/bench_kquant.py                 # ~0.5B model
     python bench/bench_kquant.py --sizes 0.5,1 --outtype q4_k_m --imatrix-tokens 32x512 --rounds 3

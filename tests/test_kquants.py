@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from mtool.cli import cli
+from mtool.errors import OutputError
 from mtool.tiny import TinySpec, make_tiny_llama
 
 from .helpers import llama_quantize, tiny_with_bf16_gguf
@@ -131,4 +132,30 @@ def test_quantize_bad_paths_are_one_line(models, tmp_path):
     out = tmp_path / "o.gguf"
     r = CliRunner().invoke(cli, ["quantize", str(split), "-o", str(out), "--outtype", "q4_k_m"])
     assert r.exit_code == 2 and "m-00002-of-00002.gguf" in r.stderr and "is missing" in r.stderr
+    assert not out.exists()
+
+
+def test_a_failed_write_cancels_every_queued_tensor(models, tmp_path, monkeypatch):
+    """`mtool quantize` queues the next tensor before writing the one before: when that write fails,
+    both are cancelled (the newest too), nothing is written, and the error reaches the caller."""
+    from mtool.convert import gguf_requantize as rq
+    from mtool.convert.gguf_write import TensorData
+
+    _, bf16 = models["llama"]
+    submitted, cancelled = [], []
+    real_submit, real_cancel = rq._submit, rq.Queued.cancel
+    monkeypatch.setattr(rq, "_submit", lambda *a, **k: submitted.append(real_submit(*a, **k)) or submitted[-1])
+    monkeypatch.setattr(rq.Queued, "cancel", lambda self: cancelled.append(self) or real_cancel(self))
+    writes = []
+
+    def failing_write(self, data):
+        writes.append(data.nbytes)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TensorData, "write", failing_write)
+    out = tmp_path / "o.gguf"
+    with pytest.raises(OutputError, match="no space left"):
+        rq.requantize_gguf(bf16, out, "q4_k_m", progress=False)
+    assert submitted and any(q is submitted[-1] for q in cancelled)  # the tensor queued ahead of the failed write
     assert not out.exists()

@@ -26,7 +26,7 @@ from ..gguf_file import open_gguf
 from ..numerics import scan_storage
 from ..outputs import check_output_path, output_transaction
 from .gguf_write import GGUFResult, commit_gguf, new_writer, progress_bar, shard_paths, type_counts, write_header
-from .gguf_types import FLOAT_DTYPES, Encoded, encoded_nbytes, submit_encode
+from .gguf_types import FLOAT_DTYPES, Queued, encoded_nbytes, submit_encode
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import FLOAT_TYPES, KQUANTS, MixtureOptions, plan_mixture
 
@@ -64,36 +64,16 @@ def _load(fd: int, t, qtype: Q, src: Path, take) -> tuple[np.ndarray, DType | No
     return a, dtype
 
 
-def _submit(x: np.ndarray, dtype: DType, qtype: Q, name: str, imp: np.ndarray | None, take):
-    """libggml's bytes, into `take(nbytes)`, queued (`.result()` waits); a 3-D expert tensor with
-    importances is quantized expert by expert, each with its own, into its slice of the one output."""
+def _submit(x: np.ndarray, dtype: DType, qtype: Q, name: str, imp: np.ndarray | None, take) -> Queued:
+    """libggml's bytes, into `take(nbytes)`, queued; a 3-D expert tensor with importances is
+    quantized expert by expert, each with its own, into its slice of the one output."""
     if imp is None or x.ndim < 3 or qtype in FLOAT_DTYPES:
         return submit_encode(x, dtype, qtype, name=name, imatrix=imp, alloc=take)
     n, per = x.shape[-1], encoded_nbytes(tuple(x.shape[1:]), qtype)
     out = take(per * x.shape[0])
-    parts = [submit_encode(x[e], dtype, qtype, name=name, imatrix=imp[e * n : (e + 1) * n],
-                           alloc=lambda nbytes, e=e: out[e * per : (e + 1) * per]) for e in range(x.shape[0])]
-    return _AllOf(parts, out)
-
-
-class _AllOf:
-    def __init__(self, parts: list, out: np.ndarray):
-        self._parts, self._out = parts, out
-
-    def result(self) -> np.ndarray:
-        errors = []
-        for p in self._parts:  # every part waited for: none may still write into `out` afterwards
-            try:
-                p.result()
-            except Exception as e:  # noqa: BLE001 - re-raised below
-                errors.append(e)
-        if errors:
-            raise errors[0]
-        return self._out
-
-    def cancel(self) -> None:
-        for p in self._parts:
-            p.cancel()
+    return Queued(out, [submit_encode(x[e], dtype, qtype, name=name, imatrix=imp[e * n : (e + 1) * n],
+                                      alloc=lambda nbytes, e=e: out[e * per : (e + 1) * per])
+                        for e in range(x.shape[0])])
 
 
 def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int = 0, force: bool = False,
@@ -159,7 +139,9 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
             with tensor_data, ThreadPoolExecutor(max_workers=1) as reader:
                 items = [(fds[shard], t, plan.types[t.name]) for shard, r in zip(shards, readers) for t in r.tensors]
                 nxt = reader.submit(_load, *items[0], src, inputs.take) if items else None
-                queued = None  # (tensor, type, input buffer, pending encoding) of the tensor before
+                # (tensor, type, input buffer, queued encoding): the newest tensor, and the one before
+                # it, which is waited for and written while the newest is being quantized
+                queued = prev = None
 
                 def finish(t, qtype, raw, job) -> None:
                     data = job.result()
@@ -174,18 +156,20 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
                     for k, (_, t, qtype) in enumerate(items):
                         raw, dtype = nxt.result()
                         nxt = reader.submit(_load, *items[k + 1], src, inputs.take) if k + 1 < len(items) else None
-                        job = Encoded(raw) if dtype is None else _submit(raw.reshape(shapes[t.name]), dtype, qtype,
-                                                                         t.name, imps.get(t.name), outputs.take)
-                        if queued is not None:
-                            finish(*queued)
-                        queued = (t, qtype, raw, job)
+                        job = Queued(raw) if dtype is None else _submit(raw.reshape(shapes[t.name]), dtype, qtype,
+                                                                        t.name, imps.get(t.name), outputs.take)
+                        prev, queued = queued, (t, qtype, raw, job)
                         del raw, job
+                        if prev is not None:
+                            finish(*prev)
+                            prev = None
                     if queued is not None:
                         finish(*queued)
                         queued = None
-                except BaseException:  # an error or an interrupt: the queued tensor is not quantized
-                    if queued is not None:
-                        queued[3].cancel()
+                except BaseException:  # an error or an interrupt: what is still queued is not quantized
+                    for q in (prev, queued):
+                        if q is not None:
+                            q[3].cancel()
                     raise
         finally:
             for fd in fds.values():

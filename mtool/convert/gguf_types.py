@@ -92,17 +92,29 @@ def writer_shape_dtype(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...
     return gguf.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
 
 
-class Encoded:
-    """An encoding already done (float types, unchanged tensors): `.result()` as for a queued one."""
+class Queued:
+    """A tensor's GGUF bytes `out`, being written by queued `parts` (each with `.result()` and
+    `.cancel()`: libggml's pending jobs, or other Queued); none when they are already there."""
 
-    def __init__(self, data: np.ndarray):
-        self._data = data
+    def __init__(self, out: np.ndarray, parts: list | tuple = ()):
+        self._out, self._parts = out, parts
 
     def result(self) -> np.ndarray:
-        return self._data
+        """Wait for every part (also when one failed: none may still write into `out` afterwards)."""
+        errors = []
+        for p in self._parts:
+            try:
+                p.result()
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        return self._out
 
     def cancel(self) -> None:
-        pass
+        """Drop the work not started yet (an interrupted or failed run)."""
+        for p in self._parts:
+            p.cancel()
 
 
 def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatrix: np.ndarray | None = None,
@@ -115,13 +127,12 @@ def encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatr
 
 
 def submit_encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor", imatrix: np.ndarray | None = None,
-                  alloc: Callable[[int], np.ndarray] | None = None):
-    """`encode`, with a quantization queued on libggml's thread pool rather than waited for:
-    returns an object whose `.result()` gives the bytes (`a` and the output must stay untouched
-    until then)."""
+                  alloc: Callable[[int], np.ndarray] | None = None) -> Queued:
+    """`encode`, with a quantization queued on libggml's thread pool rather than waited for
+    (`a` and the output must stay untouched until `.result()` has returned)."""
     a = np.ascontiguousarray(a)
     if qtype in FLOAT_DTYPES and FLOAT_DTYPES[qtype] == dtype:
-        return Encoded(a)
+        return Queued(a)
     g = ggml()
     nbytes = encoded_nbytes(tuple(a.shape), qtype)
     out = np.empty(nbytes, dtype=np.uint8) if alloc is None else alloc(nbytes)
@@ -129,21 +140,9 @@ def submit_encode(a: np.ndarray, dtype: DType, qtype: Q, *, name: str = "tensor"
         raise ValueError(f"encode: output buffer must be {nbytes} contiguous bytes")
     if qtype in FLOAT_DTYPES:
         dst = FLOAT_DTYPES[qtype]
-        return Encoded(g.convert(a, dtype.name, dst.name, out.view(dst.np_storage).reshape(a.shape)))
+        return Queued(g.convert(a, dtype.name, dst.name, out.view(dst.np_storage).reshape(a.shape)))
     n = int(a.shape[-1])
     rows = a.reshape(-1, n)
     res = out.reshape(rows.shape[0], g.row_size(int(qtype), n))
     pending = g.submit(rows, int(qtype), imatrix, src=dtype.name, name=name, out=res)
-    byte_shape = gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype)
-    return _Reshaped(pending, byte_shape)
-
-
-class _Reshaped:
-    def __init__(self, pending, shape: tuple[int, ...]):
-        self._pending, self._shape = pending, shape
-
-    def result(self) -> np.ndarray:
-        return self._pending.result().reshape(self._shape)
-
-    def cancel(self) -> None:
-        self._pending.cancel()
+    return Queued(out.reshape(gguf.quant_shape_to_byte_shape(tuple(a.shape), qtype)), [pending])

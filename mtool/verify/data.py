@@ -29,11 +29,12 @@ def token_windows(ids: list[int], ctx: int, max_windows: int, bos_id: int | None
 PREFIX_MARGIN = 64
 
 
-def enough_text(text: str, encode: Callable[[str], list[int]], tokens: int) -> str:
+def enough_text(text: str, encode: Callable[[str], list[int]], tokens: int) -> tuple[str, list[int]]:
     """The shortest prefix of `text` (cut at a line break or space; tried at doubling lengths) that
-    gives `tokens` tokens plus a margin; `text` itself when no shorter prefix does. Tokenizers work
-    word by word, so the tokens before the cut are the whole text's. Tokenizing a whole corpus (with
-    llama.cpp's tokenizer too) to score a few windows took minutes on a large --data file."""
+    gives `tokens` tokens plus a margin, and its tokens; `text` itself and its tokens when no shorter
+    prefix does. Tokenizers work word by word, so the tokens before the cut are the whole text's.
+    Tokenizing a whole corpus (with llama.cpp's tokenizer too) to score a few windows took minutes on
+    a large --data file."""
     chars = max(4096, tokens * 4)
     while chars < len(text):
         cut = text.rfind("\n", 0, chars)
@@ -42,7 +43,8 @@ def enough_text(text: str, encode: Callable[[str], list[int]], tokens: int) -> s
         if cut < chars // 2:
             cut = chars
         prefix = text[:cut]
-        if len(encode(prefix)) >= tokens + PREFIX_MARGIN:
-            return prefix
+        ids = encode(prefix)
+        if len(ids) >= tokens + PREFIX_MARGIN:
+            return prefix, ids
         chars *= 2
-    return text
+    return text, encode(text)

@@ -160,8 +160,7 @@ def open_reference(ref: Path, *, data: Path | None = None, device: str = "auto",
     ctx = min(ctx, n_ctx)
     if ctx < 16:
         raise VerifySetupError(f"the reference's context ({n_ctx} tokens) is too short to verify with")
-    text = enough_text(text, tok.encode, ctx * max_windows)  # also what both tokenizers are compared on
-    ids = tok.encode(text)
+    text, ids = enough_text(text, tok.encode, ctx * max_windows)  # also what both tokenizers are compared on
     bos = tok.bos_id if (ids and tok.bos_id is not None and ids[0] == tok.bos_id) else None
     windows = token_windows(ids, ctx, max_windows, bos)
     scored = sum(len(w) - 1 for w in windows)
