@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 _M_MMAP_THRESHOLD = -3
@@ -21,11 +20,8 @@ def return_freed_memory_promptly(threshold: int = 16 << 20) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, threshold))
+    try:  # the process's own symbols include libc's (find_library would run ldconfig in a subprocess)
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
 

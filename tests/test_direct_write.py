@@ -154,11 +154,14 @@ def test_fast_metadata_packing_is_byte_identical_to_gguf_py(tmp_path):
     assert r.fields["tokenizer.ggml.tokens"].contents()[:3] == ["<s>", "▁中", "文"]
 
 
-def test_fast_metadata_packing_refuses_what_gguf_py_refuses(tmp_path):
+@pytest.mark.parametrize("values", [[1, "two", 3.0], [1, 2, True], [0.5, 1], ["a"] * 100 + [b"b", 3]])
+def test_fast_metadata_packing_refuses_what_gguf_py_refuses(tmp_path, values):
     from mtool.convert.gguf_write import new_writer
 
-    w = new_writer(tmp_path / "x.gguf", "llama")
-    w.add_array("test.mixed", [1, "two", 3.0])
-    with pytest.raises(ValueError, match="same type"):
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
+    for make in (gguf.GGUFWriter, new_writer):  # gguf-py refuses it too: the fast path must not accept it
+        w = make(tmp_path / "x.gguf", "llama")
+        w.add_array("test.mixed", values)
+        with pytest.raises(ValueError, match="same type"):
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+        w.close()

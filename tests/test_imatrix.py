@@ -140,6 +140,34 @@ def test_one_pass_with_imatrix_equals_llama_quantize(models, tmp_path, tag, outt
     assert meta["quantize.imatrix.chunks_count"].contents() == NSAMPLES
 
 
+@pytest.mark.parametrize("tag", list(SPECS))
+def test_tensors_read_in_pieces_give_the_same_bytes(models, tmp_path, monkeypatch, tag):
+    """Large tensors are read and encoded in row pieces (gguf_export.PIECE_BYTES); made small here, every
+    matrix is cut (uneven last pieces; q/k in whole heads, their rows reordered per head; experts
+    row by row within each expert, each with its slice of importances), and the file must still be
+    the one llama.cpp's quantizer writes."""
+    from mtool.convert import gguf_export
+    from mtool.model.families import load_canonical
+
+    src, bf16, im, _ = models[tag]
+    rows_per_head, row_bytes = 64, 256 * 2  # head_dim 64, hidden 256 in bf16
+    monkeypatch.setattr(gguf_export, "PIECE_BYTES", 3 * rows_per_head * row_bytes)  # three heads' rows
+    model = load_canonical(src)
+    planned, _ = gguf_export.plan_tensors(model, "q4_k_m")
+    pieces = gguf_export._pieces(model, planned, {})
+    q = [p.rows for p in pieces if p.tensor.gguf_name == "blk.0.attn_q.weight"]
+    assert q == [(0, 192), (64 * 3, 64)]  # 4 heads: three, then one
+    assert len(pieces) > 2 * len(planned)
+    ours = tmp_path / "ours.gguf"
+    r = run("convert", src, "-o", ours, "--outtype", "q4_k_m", "--imatrix", im, "-q")
+    assert r.exit_code == 0, r.output + r.stderr
+    same_tensors(ours, llama_quantize(bf16, tmp_path / "theirs.gguf", int(FT.MOSTLY_Q4_K_M),
+                                      imatrix=imatrix_importances(im)))
+    again = tmp_path / "bf16.gguf"  # stored rows in pieces: the bf16 file made whole, bit for bit
+    assert run("convert", src, "-o", again, "--outtype", "bf16", "-q").exit_code == 0
+    same_tensors(again, {t.name: t for t in gguf.GGUFReader(str(bf16)).tensors})
+
+
 def test_importances_change_the_bytes(models, tmp_path):
     """Guard for the test above: without the imatrix llama.cpp writes other bytes."""
     src, bf16, im, _ = models["llama"]

@@ -35,6 +35,10 @@ class LazyTensor:
     load: Callable  # () -> torch.Tensor
     synthetic: bool = False  # all zeros, made to fit the canonical form (writers may omit it)
     array: Callable[[], np.ndarray] | None = None
+    # rows(start, count, out) -> rows [start, start+count) of the tensor viewed as 2-D (leading dims
+    # flattened), as numpy storage, read alone (into `out`, a uint8 buffer of their size, if given):
+    # for tensors stored as they are, so writers can stream a large tensor in pieces
+    rows: Callable[[int, int, np.ndarray | None], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
@@ -158,17 +162,20 @@ def zeros(name: str, shape: tuple[int, ...], dtype) -> LazyTensor:
     return replace(rearranged(name, shape, dt, lambda: np.zeros(shape, dt.np_storage)), synthetic=True)
 
 
-def rearranged(name: str, shape: tuple[int, ...], dtype, array: Callable[[], np.ndarray]) -> LazyTensor:
+def rearranged(name: str, shape: tuple[int, ...], dtype, array: Callable[[], np.ndarray],
+               rows: Callable[[int, int, np.ndarray | None], np.ndarray] | None = None) -> LazyTensor:
     """A canonical tensor made from stored values by moving them only (slices, transposes,
-    reshapes: no arithmetic), written once over numpy storage; the torch view comes from it."""
+    reshapes: no arithmetic), written once over numpy storage; the torch view comes from it.
+    `rows`: its row reader, where its rows are stored rows (see LazyTensor.rows)."""
     dt = as_dtype(dtype)
-    return LazyTensor(name, tuple(shape), dt, lambda: to_torch(array(), dt), array=array)
+    return LazyTensor(name, tuple(shape), dt, lambda: to_torch(array(), dt), array=array, rows=rows)
 
 
 def stored(reader, name: str, canonical: str | None = None) -> LazyTensor:
     """A canonical tensor that is a stored tensor as it is (named `canonical` if renamed)."""
     info = reader.info(name)
-    return rearranged(canonical or name, info.shape, info.dtype, lambda: reader.load_array(name))
+    return rearranged(canonical or name, info.shape, info.dtype, lambda: reader.load_array(name),
+                      rows=lambda start, count, out=None: reader.load_rows_array(name, start, count, out=out))
 
 
 def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:

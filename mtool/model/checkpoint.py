@@ -250,15 +250,17 @@ class CheckpointReader:
             return to_storage(self._load_bin(info.file)[name], info.dtype).copy()
         return self._read(info, info.shape, 0)
 
-    def load_rows_array(self, name: str, start: int, count: int) -> np.ndarray:
+    def load_rows_array(self, name: str, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, start+count) of a tensor viewed as 2-D (leading dims flattened), as numpy
-        storage: one expert of a fused [E, rows, cols] tensor, without reading the others."""
+        storage: one expert of a fused [E, rows, cols] tensor, or a piece of a large tensor, without
+        reading the rest. `out`: a contiguous uint8 buffer of exactly their size to read into
+        (safetensors; a .bin file's rows come back in a new array)."""
         info = self.info(name)
         self._check_rows(info, start, count)
         if info.offset < 0:
             t = self._load_bin(info.file)[name].reshape(-1, *info.shape[-1:])[start : start + count]
             return to_storage(t, info.dtype).copy()
-        return self._read(info, (count, *info.shape[-1:]), start * info.shape[-1] * info.dtype.itemsize)
+        return self._read(info, (count, *info.shape[-1:]), start * info.shape[-1] * info.dtype.itemsize, out)
 
     @staticmethod
     def _check_rows(info: TensorInfo, start: int, count: int) -> None:
@@ -267,8 +269,14 @@ class CheckpointReader:
             raise MtoolError(f"rows {start}..{start + count} are outside {info.name} ({n_rows} rows)")
 
     @staticmethod
-    def _read(info: TensorInfo, shape: tuple[int, ...], skip: int) -> np.ndarray:
-        out = np.empty(shape, dtype=info.dtype.np_storage)
+    def _read(info: TensorInfo, shape: tuple[int, ...], skip: int, buf: np.ndarray | None = None) -> np.ndarray:
+        if buf is None:
+            out = np.empty(shape, dtype=info.dtype.np_storage)
+        else:
+            n = int(np.prod(shape)) * info.dtype.itemsize
+            if buf.dtype != np.uint8 or buf.size != n or not buf.flags.c_contiguous:
+                raise ValueError(f"read buffer for {info.name} must be {n} contiguous bytes")
+            out = buf.view(info.dtype.np_storage).reshape(shape)
         want = out.nbytes
         got = 0
         if want:

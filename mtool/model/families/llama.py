@@ -34,6 +34,18 @@ LLAMA = ArchSpec(
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _fused_slice(reader: CheckpointReader, name: str, src: str, row0: int, rows: int, cols: int) -> LazyTensor:
+    """Rows [row0, row0+rows) of a fused expert tensor, as the canonical expert tensor `name`."""
+
+    def part(start: int, count: int, out=None):
+        if start < 0 or start + count > rows:
+            raise ValueError(f"rows {start}..{start + count} are outside {name} ({rows} rows)")
+        return reader.load_rows_array(src, row0 + start, count, out=out)
+
+    return rearranged(name, (rows, cols), reader.info(src).dtype, lambda: reader.load_rows_array(src, row0, rows),
+                      rows=part)
+
+
 def _fused_experts(reader: CheckpointReader, spec: ArchSpec, cfg: dict) -> dict[str, LazyTensor]:
     """Canonical per-expert tensors over a fused-layout MoE checkpoint, as row spans (never whole)."""
     h, f, n = cfg["hidden_size"], cfg["intermediate_size"], int(cfg[spec.moe.count_key])
@@ -51,8 +63,7 @@ def _fused_experts(reader: CheckpointReader, spec: ArchSpec, cfg: dict) -> dict[
             for w in ("w1", "w3", "w2"):
                 src, row0, rows = experts.fused_rows(x, w, f, h)
                 name = f"{p}{experts.legacy(x, w)}.weight"
-                out[name] = rearranged(name, (rows, h if w != "w2" else f), reader.info(p + src).dtype,
-                                       lambda s=p + src, row0=row0, rows=rows: reader.load_rows_array(s, row0, rows))
+                out[name] = _fused_slice(reader, name, p + src, row0, rows, h if w != "w2" else f)
     return out
 
 
