@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .buffers import scratch
 from .dtypes import DType
 from .errors import InputError
 
@@ -15,9 +14,9 @@ CHUNK_ELEMENTS = 1 << 20
 
 F16_MAX = 65504.0
 
-# IEEE layouts: (unsigned int type of the same width, mask of all bits but the sign, abs bits of +Inf)
-_BITS = {"float32": (np.uint32, 0x7FFFFFFF, 0x7F800000), "float16": (np.uint16, 0x7FFF, 0x7C00),
-         "bfloat16": (np.uint16, 0x7FFF, 0x7F80)}
+# IEEE layouts: (unsigned and signed int types of the same width, the sign bit, abs bits of +Inf)
+_BITS = {"float32": (np.uint32, np.int32, 0x80000000, 0x7F800000), "float16": (np.uint16, np.int16, 0x8000, 0x7C00),
+         "bfloat16": (np.uint16, np.int16, 0x8000, 0x7F80)}
 
 
 def scan_values(t) -> tuple[bool, float]:
@@ -35,18 +34,18 @@ def scan_values(t) -> tuple[bool, float]:
 
 
 def scan_storage(a: np.ndarray, dtype: DType) -> tuple[bool, float]:
-    """`scan_values` for numpy storage of an f32/f16/bf16 tensor, on the bits: with the sign
-    masked off, IEEE floats order like unsigned integers and every pattern from +Inf's up is
-    Inf or NaN, so one integer max per chunk answers both questions."""
-    uint, mask, inf = _BITS[dtype.name]
-    flat = a.reshape(-1).view(uint)
+    """`scan_values` for numpy storage of an f32/f16/bf16 tensor, on the bits: IEEE floats are
+    sign and magnitude, and magnitudes order like unsigned integers, every one from +Inf's up
+    being Inf or NaN. Read as signed integers the largest non-negative value is the largest
+    positive magnitude; read as unsigned, the largest value at or above the sign bit is the
+    sign bit plus the largest negative magnitude. Two integer max reductions per chunk, no
+    temporary (a mask-then-max scan wrote and re-read one: 8 % of a bf16 conversion's CPU)."""
+    uint, sint, sign, inf = _BITS[dtype.name]
+    flat = a.reshape(-1)
     top = 0
-    # kept per thread: a fresh array per tensor was freed back to the allocator and faulted in
-    # again each time (perf: two thirds of `mtool quantize`'s page faults)
-    tmp = scratch((min(CHUNK_ELEMENTS, flat.size),), uint, slot="scan")
     for i in range(0, flat.size, CHUNK_ELEMENTS):
         part = flat[i : i + CHUNK_ELEMENTS]
-        top = max(top, int(np.bitwise_and(part, mask, out=tmp[: part.size]).max()))
+        top = max(top, int(part.view(sint).max()), int(part.view(uint).max()) - sign)
     if top >= inf:
         return False, float("inf")
     value = np.array([top], dtype=uint)

@@ -79,16 +79,19 @@ def test_scan_storage_agrees_with_torch(name):
     """The bit-pattern scan (finite?, max |x|) of numpy storage against torch's aminmax scan."""
     dt = as_dtype(name)
     rng = np.random.default_rng(1)
-    base = torch.from_numpy(rng.standard_normal(3 * (1 << 20) + 7).astype(np.float32) * 100).to(dt.torch)
-    for poison in (None, float("nan"), float("inf"), float("-inf"), -70000.0):
-        t = base.clone()
-        if poison is not None:
-            t[(1 << 20) + 3] = poison  # in the second chunk
-        finite, amax = scan_storage(to_storage(t, dt), dt)
-        t_finite, t_amax = scan_values(t)
-        assert finite == t_finite, (name, poison)
-        if finite:
-            assert amax == t_amax, (name, poison)
+    mixed = torch.from_numpy(rng.standard_normal(3 * (1 << 20) + 7).astype(np.float32) * 100).to(dt.torch)
+    # signs matter to the scan (it reads sign and magnitude as integers): mixed, one sign only, zeros
+    for label, base in (("mixed", mixed), ("negative", -mixed.abs()), ("positive", mixed.abs()),
+                        ("-0", torch.full((5,), -0.0, dtype=dt.torch)), ("0", torch.zeros(5, dtype=dt.torch))):
+        for poison in (None, float("nan"), -float("nan"), float("inf"), float("-inf"), -70000.0, 70000.0):
+            t = base.clone()
+            if poison is not None:
+                t[min((1 << 20) + 3, t.numel() - 1)] = poison  # in the second chunk
+            finite, amax = scan_storage(to_storage(t, dt), dt)
+            t_finite, t_amax = scan_values(t)
+            assert finite == t_finite, (name, label, poison)
+            if finite:
+                assert amax == t_amax, (name, label, poison)
 
 
 def test_metrics_against_torch():

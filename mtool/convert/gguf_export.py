@@ -267,8 +267,10 @@ class _Piece:
 
 
 def _piece_rows(model: CanonicalModel, lt: LazyTensor) -> list[tuple[int, int]] | None:
-    """Row ranges of about PIECE_BYTES for a large part that can be read in rows; None: read it whole."""
-    if lt.rows is None or len(lt.shape) < 2 or lt.numel * lt.dtype.itemsize <= PIECE_BYTES:
+    """Row ranges of about PIECE_BYTES for a matrix that can be read in rows (one range when it is small:
+    the rows reader reads into recycled buffers, where a fresh array costs a page fault and a page of zeros
+    per 4 KB); None: read it whole."""
+    if lt.rows is None or len(lt.shape) < 2 or not lt.numel:
         return None
     n_rows, row_bytes = lt.numel // lt.shape[-1], lt.shape[-1] * lt.dtype.itemsize
     heads = _rotary_heads(model, lt.name)
