@@ -142,16 +142,16 @@ def test_one_pass_with_imatrix_equals_llama_quantize(models, tmp_path, tag, outt
 
 @pytest.mark.parametrize("tag", list(SPECS))
 def test_tensors_read_in_pieces_give_the_same_bytes(models, tmp_path, monkeypatch, tag):
-    """Large tensors are read and encoded in row pieces (gguf_export.PIECE_BYTES); made small here, every
+    """Large tensors are read and encoded in row pieces (gguf_write.PIECE_BYTES); made small here, every
     matrix is cut (uneven last pieces; q/k in whole heads, their rows reordered per head; experts
     row by row within each expert, each with its slice of importances), and the file must still be
     the one llama.cpp's quantizer writes."""
-    from mtool.convert import gguf_export
+    from mtool.convert import gguf_export, gguf_write
     from mtool.model.families import load_canonical
 
     src, bf16, im, _ = models[tag]
     rows_per_head, row_bytes = 64, 256 * 2  # head_dim 64, hidden 256 in bf16
-    monkeypatch.setattr(gguf_export, "PIECE_BYTES", 3 * rows_per_head * row_bytes)  # three heads' rows
+    monkeypatch.setattr(gguf_write, "PIECE_BYTES", 3 * rows_per_head * row_bytes)  # three heads' rows
     model = load_canonical(src)
     planned, _ = gguf_export.plan_tensors(model, "q4_k_m")
     pieces = gguf_export._pieces(model, planned, {})
@@ -161,8 +161,18 @@ def test_tensors_read_in_pieces_give_the_same_bytes(models, tmp_path, monkeypatc
     ours = tmp_path / "ours.gguf"
     r = run("convert", src, "-o", ours, "--outtype", "q4_k_m", "--imatrix", im, "-q")
     assert r.exit_code == 0, r.output + r.stderr
-    same_tensors(ours, llama_quantize(bf16, tmp_path / "theirs.gguf", int(FT.MOSTLY_Q4_K_M),
-                                      imatrix=imatrix_importances(im)))
+    theirs = llama_quantize(bf16, tmp_path / "theirs.gguf", int(FT.MOSTLY_Q4_K_M), imatrix=imatrix_importances(im))
+    same_tensors(ours, theirs)
+    # `mtool quantize` reads the bf16 GGUF in pieces too (rows of one expert at a time for the stacks)
+    from mtool.convert import gguf_requantize
+
+    stack = max(gguf.GGUFReader(str(bf16)).tensors, key=lambda t: int(t.n_bytes))
+    shape = tuple(int(d) for d in reversed(stack.shape))
+    assert len(gguf_requantize._pieces(0, stack, shape, Q.Q4_K, None)) > 2 * (shape[0] if len(shape) == 3 else 1)
+    requant = tmp_path / "requant.gguf"
+    r = run("quantize", bf16, "-o", requant, "--outtype", "q4_k_m", "--imatrix", im, "-q")
+    assert r.exit_code == 0, r.output + r.stderr
+    same_tensors(requant, theirs)
     again = tmp_path / "bf16.gguf"  # stored rows in pieces: the bf16 file made whole, bit for bit
     assert run("convert", src, "-o", again, "--outtype", "bf16", "-q").exit_code == 0
     same_tensors(again, {t.name: t for t in gguf.GGUFReader(str(bf16)).tensors})

@@ -136,24 +136,26 @@ def test_quantize_bad_paths_are_one_line(models, tmp_path):
 
 
 def test_a_failed_write_cancels_every_queued_tensor(models, tmp_path, monkeypatch):
-    """`mtool quantize` queues the next tensor before writing the one before: when that write fails,
+    """`mtool quantize` queues the next piece before writing the one before: when that write fails,
     both are cancelled (the newest too), nothing is written, and the error reaches the caller."""
     from mtool.convert import gguf_requantize as rq
     from mtool.convert.gguf_write import TensorData
 
     _, bf16 = models["llama"]
     submitted, cancelled = [], []
-    real_submit, real_cancel = rq._submit, rq.Queued.cancel
-    monkeypatch.setattr(rq, "_submit", lambda *a, **k: submitted.append(real_submit(*a, **k)) or submitted[-1])
+    real_submit, real_cancel = rq.submit_encode, rq.Queued.cancel
+    monkeypatch.setattr(rq, "submit_encode", lambda *a, **k: submitted.append(real_submit(*a, **k)) or submitted[-1])
     monkeypatch.setattr(rq.Queued, "cancel", lambda self: cancelled.append(self) or real_cancel(self))
     writes = []
+    real_piece = TensorData.piece
 
     def failing_write(self, data):
         writes.append(data.nbytes)
         if len(writes) == 3:
             raise OSError(28, "No space left on device")
+        real_piece(self, data)
 
-    monkeypatch.setattr(TensorData, "write", failing_write)
+    monkeypatch.setattr(TensorData, "piece", failing_write)
     out = tmp_path / "o.gguf"
     with pytest.raises(OutputError, match="no space left"):
         rq.requantize_gguf(bf16, out, "q4_k_m", progress=False)

@@ -89,14 +89,14 @@ def _write_fused(src, dst):
 def test_fused_layout_converts_identically(mixtral_model, tmp_path, monkeypatch, piece_bytes):
     """Also when the fused layout is read in pieces of a few rows (rows of one expert's slice of the
     fused tensor read alone; the last piece of each expert shorter)."""
-    from mtool.convert import gguf_export
+    from mtool.convert import gguf_write
 
     fused = tmp_path / "fused"
     _write_fused(mixtral_model, fused)
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     export_gguf(load_canonical(mixtral_model), a, outtype="f32", progress=False)
     if piece_bytes:
-        monkeypatch.setattr(gguf_export, "PIECE_BYTES", piece_bytes)
+        monkeypatch.setattr(gguf_write, "PIECE_BYTES", piece_bytes)
     export_gguf(load_canonical(fused), b, outtype="f32", progress=False)
     ta = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(a)).tensors}
     tb = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(b)).tensors}

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,16 +29,13 @@ from ..numerics import F16_MAX, check_finite
 from ..outputs import check_output_path, output_transaction
 from .gguf_types import OUTTYPES, Q, choose_qtype, encode, encoded_nbytes
 from .gguf_vocab import apply_recipe, build_vocab
-from .gguf_write import GGUFResult, commit_gguf, new_writer, progress_bar, shard_paths, type_counts, write_header
+from .gguf_write import (GGUFResult, commit_gguf, new_writer, progress_bar, row_pieces, shard_paths, type_counts,
+                         write_header)
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import KQUANTS, MixtureOptions, plan_mixture
 
 PREPARE_WORKERS = 2  # pieces encoded concurrently (each holds one piece in memory)
 INFLIGHT_BYTES = 256 * 2**20  # encoded bytes queued ahead of the writer
-# Source bytes read per piece of a tensor whose rows can be read alone: the writer starts after the first
-# piece instead of after a whole embedding (measured on the 0.25B bf16 model: 0.18 s with nothing to
-# write while its 78 MB embedding was read), and the read buffers are small enough to recycle.
-PIECE_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -228,14 +224,16 @@ def _add_metadata(w: gguf.GGUFWriter, model: CanonicalModel, outtype: str, name:
 
 
 def _read(lt: LazyTensor, rows: tuple[int, int] | None = None,
-          alloc: Callable[[int], np.ndarray] | None = None) -> tuple[np.ndarray, DType]:
+          recycler: Recycler | None = None) -> tuple[np.ndarray, DType]:
     """A canonical tensor's values (or `rows` = (start, count) of them, through its row reader,
-    into a buffer from `alloc`) as numpy storage: through its torch-free reader when it has one."""
+    into a recycled buffer) as numpy storage: through its torch-free reader when it has one."""
     dtype = lt.dtype
     if rows is not None:
         start, count = rows
-        nbytes = count * lt.shape[-1] * dtype.itemsize
-        a = lt.rows(start, count, alloc(nbytes) if alloc is not None else None)
+        buf = recycler.take(count * lt.shape[-1] * dtype.itemsize) if recycler is not None else None
+        a = lt.rows(start, count, buf)
+        if buf is not None and not np.may_share_memory(a, buf):
+            recycler.give(buf)  # read elsewhere (a .bin checkpoint's rows): free again
         shape = (count, lt.shape[-1])
     elif lt.array is not None:
         a, shape = lt.array(), lt.shape
@@ -267,16 +265,14 @@ class _Piece:
 
 
 def _piece_rows(model: CanonicalModel, lt: LazyTensor) -> list[tuple[int, int]] | None:
-    """Row ranges of about PIECE_BYTES for a matrix that can be read in rows (one range when it is small:
-    the rows reader reads into recycled buffers, where a fresh array costs a page fault and a page of zeros
-    per 4 KB); None: read it whole."""
+    """Row ranges of about gguf_write.PIECE_BYTES for a matrix that can be read in rows (one range when it
+    is small: the rows reader reads into recycled buffers, where a fresh array costs a page fault and a
+    page of zeros per 4 KB); None: read it whole."""
     if lt.rows is None or len(lt.shape) < 2 or not lt.numel:
         return None
     n_rows, row_bytes = lt.numel // lt.shape[-1], lt.shape[-1] * lt.dtype.itemsize
     heads = _rotary_heads(model, lt.name)
-    align = n_rows // heads if heads else 1  # whole heads: their rows are reordered within each head
-    step = max(align, PIECE_BYTES // row_bytes // align * align)
-    return [(r, min(step, n_rows - r)) for r in range(0, n_rows, step)]
+    return row_pieces(n_rows, row_bytes, align=n_rows // heads if heads else 1)  # q/k: rows move within a head
 
 
 def _pieces(model: CanonicalModel, planned: list[PlannedTensor], imps: dict[str, np.ndarray]) -> list[_Piece]:
@@ -302,7 +298,7 @@ def _prepare_piece(model: CanonicalModel, piece: _Piece, recycler: Recycler | No
     """Read, check and encode one piece; its GGUF bytes."""
     lt, qtype = piece.tensor.parts[piece.index], piece.tensor.qtype
     alloc = recycler.take if recycler is not None else None
-    a, dtype = _read(lt, piece.rows, alloc)
+    a, dtype = _read(lt, piece.rows, recycler)
     amax = check_finite(a, lt.name, dtype)
     if qtype == Q.F16 and amax > F16_MAX:
         raise InputError(f"tensor {lt.name} has values up to {amax:.3g}, beyond float16; use --outtype bf16 or f32")

@@ -4,7 +4,7 @@ All metadata and the vocabulary are copied; `general.file_type` and the quantiza
 set; each tensor gets the type llama.cpp's policy chooses (quant_policy.py) and libggml's bytes
 (mtool.ggml), so the result equals `llama_model_quantize`'s and mtool's one-pass file. Quantized
 inputs are refused: re-quantizing quantized weights silently compounds the error. Tensors are
-read with pread one at a time; memory stays at about one tensor. No torch: values go from the
+read with pread in row pieces; memory stays at a few pieces, whatever the tensor. No torch: values go from the
 file's storage through libggml's converters and quantizers.
 """
 
@@ -14,6 +14,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -25,7 +26,8 @@ from ..errors import InputError, UsageError
 from ..gguf_file import open_gguf
 from ..numerics import scan_storage
 from ..outputs import check_output_path, output_transaction
-from .gguf_write import GGUFResult, commit_gguf, new_writer, progress_bar, shard_paths, type_counts, write_header
+from .gguf_write import (GGUFResult, commit_gguf, new_writer, progress_bar, row_pieces, shard_paths, type_counts,
+                         write_header)
 from .gguf_types import FLOAT_DTYPES, Queued, encoded_nbytes, submit_encode
 from .imatrix_file import add_imatrix_metadata, importances_for
 from .quant_policy import FLOAT_TYPES, KQUANTS, MixtureOptions, plan_mixture
@@ -49,31 +51,55 @@ def input_shards(path: Path) -> list[Path]:
     return shards
 
 
-def _load(fd: int, t, qtype: Q, src: Path, take) -> tuple[np.ndarray, DType | None]:
-    """One tensor's bytes (kept as they are when its type stays: dtype None), or its values as
+@dataclass
+class _Piece:
+    """Rows [start, start+count) of one expert (`expert`; 0 for a 2-D tensor) of a tensor, read alone."""
+
+    fd: int
+    tensor: object  # gguf ReaderTensor
+    qtype: Q
+    expert: int
+    start: int
+    count: int
+    offset: int  # file offset of its first byte
+    nbytes: int  # bytes read
+    out_nbytes: int  # bytes written
+    imp: np.ndarray | None
+    first: bool = False
+    last: bool = False
+
+
+def _pieces(fd: int, t, shape: tuple[int, ...], qtype: Q, imp: np.ndarray | None) -> list[_Piece]:
+    """One tensor in pieces of about PIECE_BYTES of its rows, expert by expert; each expert of a 3-D
+    tensor with importances gets its own slice of them (as llama-quantize quantizes it)."""
+    cols = shape[-1]
+    experts = shape[0] if len(shape) == 3 else 1
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) // experts if len(shape) > 1 else 1
+    row_bytes = int(t.n_bytes) // max(1, rows * experts)
+    out = []
+    for e in range(experts):
+        sl = imp[e * cols : (e + 1) * cols] if imp is not None and experts > 1 else imp
+        for start, count in row_pieces(rows, row_bytes):
+            out.append(_Piece(fd, t, qtype, e, start, count, int(t.data_offset) + (e * rows + start) * row_bytes,
+                              count * row_bytes, encoded_nbytes((count, cols), qtype), sl))
+    out[0].first = out[-1].last = True
+    return out
+
+
+def _load(p: _Piece, src: Path, take) -> tuple[np.ndarray, DType | None]:
+    """A piece's bytes (kept as they are when its tensor's type stays: dtype None), or its values as
     numpy storage of its float type, checked for NaN/Inf. Read into `take(nbytes)`."""
-    buf = take(int(t.n_bytes))
-    if os.preadv(fd, [buf], int(t.data_offset)) != buf.nbytes:
+    t = p.tensor
+    buf = take(p.nbytes)
+    if os.preadv(p.fd, [buf], p.offset) != buf.nbytes:
         raise InputError(f"{src} is truncated: tensor {t.name} ends past the end of the file")
-    if qtype == t.tensor_type:
+    if p.qtype == t.tensor_type:
         return buf, None  # norms, router: copied as they are
     dtype = FLOAT_DTYPES[t.tensor_type]
     a = buf.view(dtype.np_storage)
     if not scan_storage(a, dtype)[0]:
         raise InputError(f"tensor {t.name} of {src} contains NaN or Inf values")
-    return a, dtype
-
-
-def _submit(x: np.ndarray, dtype: DType, qtype: Q, name: str, imp: np.ndarray | None, take) -> Queued:
-    """libggml's bytes, into `take(nbytes)`, queued; a 3-D expert tensor with importances is
-    quantized expert by expert, each with its own, into its slice of the one output."""
-    if imp is None or x.ndim < 3 or qtype in FLOAT_DTYPES:
-        return submit_encode(x, dtype, qtype, name=name, imatrix=imp, alloc=take)
-    n, per = x.shape[-1], encoded_nbytes(tuple(x.shape[1:]), qtype)
-    out = take(per * x.shape[0])
-    return Queued(out, [submit_encode(x[e], dtype, qtype, name=name, imatrix=imp[e * n : (e + 1) * n],
-                                      alloc=lambda nbytes, e=e: out[e * per : (e + 1) * per])
-                        for e in range(x.shape[0])])
+    return a.reshape(p.count, -1), dtype
 
 
 def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int = 0, force: bool = False,
@@ -128,37 +154,43 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
             add_imatrix_metadata(w, mixture.imatrix)
         tensor_data = write_header(w, [(t.name, shapes[t.name], plan.types[t.name]) for t in tensors])
         bar = progress_bar(total, progress, "quantizing")
-        # Tensors are read with pread (not through the reader's memory map, whose touched pages
-        # would stay resident: RSS would grow with the file) one ahead of the quantizer, and each
-        # tensor's quantization is queued before the previous one is waited for and written, so the
-        # quantizer threads never idle between tensors. Input and output buffers are recycled
-        # (buffers.Recycler): fresh ones cost page zeroing per tensor.
+        # Tensors are read in row pieces (gguf_write.PIECE_BYTES) with pread (not through the reader's
+        # memory map, whose touched pages would stay resident: RSS would grow with the file) one piece
+        # ahead of the quantizer, and each piece's quantization is queued before the previous one is
+        # waited for and written, so the quantizer threads never idle between pieces and memory is a
+        # few pieces whatever the tensor. Input and output buffers are recycled (buffers.Recycler):
+        # fresh ones cost page zeroing per piece.
         fds = {s: os.open(s, os.O_RDONLY) for s in shards}
         inputs, outputs = Recycler(keep=3), Recycler(keep=2)
         try:
             with tensor_data, ThreadPoolExecutor(max_workers=1) as reader:
-                items = [(fds[shard], t, plan.types[t.name]) for shard, r in zip(shards, readers) for t in r.tensors]
-                nxt = reader.submit(_load, *items[0], src, inputs.take) if items else None
-                # (tensor, type, input buffer, queued encoding): the newest tensor, and the one before
-                # it, which is waited for and written while the newest is being quantized
+                items = [p for shard, r in zip(shards, readers) for t in r.tensors
+                         for p in _pieces(fds[shard], t, shapes[t.name], plan.types[t.name], imps.get(t.name))]
+                nxt = reader.submit(_load, items[0], src, inputs.take) if items else None
+                # (piece, input buffer, queued encoding): the newest piece, and the one before it,
+                # which is waited for and written while the newest is being quantized
                 queued = prev = None
 
-                def finish(t, qtype, raw, job) -> None:
+                def finish(p: _Piece, raw, job) -> None:
                     data = job.result()
-                    tensor_data.write(data)
+                    if p.first:
+                        tensor_data.begin()
+                    tensor_data.piece(data)
+                    if p.last:
+                        tensor_data.end()
                     if data is not raw:
                         outputs.give(data)
                     inputs.give(raw)
                     if bar:
-                        bar.update(encoded_nbytes(shapes[t.name], qtype))
+                        bar.update(p.out_nbytes)
 
                 try:
-                    for k, (_, t, qtype) in enumerate(items):
+                    for k, p in enumerate(items):
                         raw, dtype = nxt.result()
-                        nxt = reader.submit(_load, *items[k + 1], src, inputs.take) if k + 1 < len(items) else None
-                        job = Queued(raw) if dtype is None else _submit(raw.reshape(shapes[t.name]), dtype, qtype,
-                                                                        t.name, imps.get(t.name), outputs.take)
-                        prev, queued = queued, (t, qtype, raw, job)
+                        nxt = reader.submit(_load, items[k + 1], src, inputs.take) if k + 1 < len(items) else None
+                        job = Queued(raw) if dtype is None else submit_encode(
+                            raw, dtype, p.qtype, name=p.tensor.name, imatrix=p.imp, alloc=outputs.take)
+                        prev, queued = queued, (p, raw, job)
                         del raw, job
                         if prev is not None:
                             finish(*prev)
@@ -169,7 +201,7 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
                 except BaseException:  # an error or an interrupt: what is still queued is not quantized
                     for q in (prev, queued):
                         if q is not None:
-                            q[3].cancel()
+                            q[2].cancel()
                     raise
         finally:
             for fd in fds.values():

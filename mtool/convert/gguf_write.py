@@ -44,6 +44,20 @@ class GGUFResult:
         return len(self.fallbacks)
 
 
+# Source bytes read per piece of a tensor (GGUF conversion and re-quantization): the writer starts after
+# the first piece instead of after a whole embedding (measured on the 0.25B bf16 model: 0.18 s with
+# nothing to write while its 78 MB embedding was read), a 1 GB embedding or expert stack is never in
+# memory whole, and the read buffers are small enough to recycle.
+PIECE_BYTES = 16 * 2**20
+
+
+def row_pieces(n_rows: int, row_bytes: int, align: int = 1) -> list[tuple[int, int]]:
+    """(start, count) row ranges of about PIECE_BYTES covering `n_rows` rows in order; every count
+    but the last a multiple of `align` (rows that must stay together, e.g. one attention head's)."""
+    step = max(align, PIECE_BYTES // max(1, row_bytes) // align * align)
+    return [(r, min(step, n_rows - r)) for r in range(0, n_rows, step)]
+
+
 def new_writer(path: Path, arch: str, **kwargs) -> gguf.GGUFWriter:
     """gguf-py's GGUFWriter, packing long metadata arrays (the vocabulary) in one pass."""
     return _writer_class()(path, arch, **kwargs)
