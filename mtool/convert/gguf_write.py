@@ -46,7 +46,7 @@ class GGUFResult:
 
 # Source bytes read per piece of a tensor (GGUF conversion and re-quantization): the writer starts after
 # the first piece instead of after a whole embedding (measured on the 0.25B bf16 model: 0.18 s with
-# nothing to write while its 78 MB embedding was read), a 1 GB embedding or expert stack is never in
+# nothing to write while its 82 MB embedding was read), a 1 GB embedding or expert stack is never in
 # memory whole, and the read buffers are small enough to recycle.
 PIECE_BYTES = 16 * 2**20
 
