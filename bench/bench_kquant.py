@@ -11,6 +11,7 @@ after a sync), and `mtool imatrix` throughput (tokens/s) on the first size.
 
     python bench/bench_kquant.py                 # ~0.5B model
     python bench/bench_kquant.py --sizes 0.5,1 --outtype q4_k_m --imatrix-tokens 32x512 --rounds 3
+    python bench/bench_kquant.py --sizes '' --moe-layers 1 --rounds 1 --imatrix-tokens ''   # real-size MoE layer
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from statistics import median
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import OUT, llamacpp_converter, make_model, run_measured  # noqa: E402
+from bench_convert import OUT, llamacpp_converter, make_model, make_moe_model, run_measured  # noqa: E402
 
 QUANTIZE = """
 import ctypes, sys, gguf
@@ -34,9 +35,13 @@ sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctyp
 """
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float]:
+def timed(cmd: list[str], env: dict | None = None, output: Path | None = None) -> tuple[float, int, int, float]:
     """run_measured plus the child's CPU seconds (user + system): on this VM the CPU's speed varies
-    from run to run, so the CPU time tells a slower machine from more work."""
+    from run to run, so the CPU time tells a slower machine from more work. `output` is removed (and
+    synced) first: freeing an earlier run's file is no part of the run (see bench_convert.repeat)."""
+    if output is not None and output.exists():
+        output.unlink()
+        os.sync()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall, rss, code, _ = run_measured(cmd, env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -51,38 +56,46 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every route; medians are printed")
     ap.add_argument("--imatrix-tokens", default="32x512", help="NSAMPLESxSEQLEN for the imatrix run ('' to skip)")
     ap.add_argument("--device", default="cpu", help="device of the imatrix run")
+    ap.add_argument("--moe-layers", type=int, default=0,
+                    help="also a Mixtral of N real-size layers (hidden 4096, ffn 14336, 8 experts: 2.8 GB of experts each)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     conv = llamacpp_converter()
     rows, ratios, imatrix_rows = [], [], []
-    for size in [float(s) for s in args.sizes.split(",")]:
+    cases = []
+    for size in [float(s) for s in args.sizes.split(",") if s]:
         layers = max(1, round(20 * size / 0.5))
-        src = OUT / f"llama-{layers}L-bf16"
-        nbytes = make_model(src, layers)
+        cases.append((size, layers, OUT / f"llama-{layers}L-bf16", make_model))
+    if args.moe_layers:
+        cases.append((None, args.moe_layers, OUT / f"mixtral-4096h-{args.moe_layers}L-bf16", make_moe_model))
+    for size, layers, src, make in cases:
+        nbytes = make(src, layers)
         runs: dict[str, list] = {}
         extra = 0
         for rnd in range(args.rounds):  # interleaved: every route once per round
             ours = OUT / f"mtool-{layers}L-{args.outtype}.gguf"
             runs.setdefault("mtool convert (one pass)", []).append(
                 timed([sys.executable, "-m", "mtool.cli", "convert", str(src), "-o", str(ours),
-                       "--outtype", args.outtype, "--force", "-q"]))
+                       "--outtype", args.outtype, "-q"], output=ours))
             if conv is None:
                 continue
             bf16 = OUT / f"llamacpp-{layers}L-bf16.gguf"
             theirs = OUT / f"llamacpp-{layers}L-{args.outtype}.gguf"
             env = dict(os.environ, PYTHONPATH=str(conv.parent / "gguf-py"))
-            c = timed([sys.executable, str(conv), str(src), "--outfile", str(bf16), "--outtype", "bf16"], env)
+            c = timed([sys.executable, str(conv), str(src), "--outfile", str(bf16), "--outtype", "bf16"], env,
+                      output=bf16)
             extra = bf16.stat().st_size if bf16.exists() else 0
             req = OUT / f"mtool-requant-{layers}L-{args.outtype}.gguf"
             quantizers = {
                 "  llama_model_quantize (bf16 GGUF)": [sys.executable, "-c", QUANTIZE, str(bf16), str(theirs),
                                                        args.outtype],
                 "  mtool quantize (bf16 GGUF)": [sys.executable, "-m", "mtool.cli", "quantize", str(bf16), "-o",
-                                                 str(req), "--outtype", args.outtype, "--force", "-q"]}
+                                                 str(req), "--outtype", args.outtype, "-q"]}
+            outputs = {"  llama_model_quantize (bf16 GGUF)": theirs, "  mtool quantize (bf16 GGUF)": req}
             order = list(quantizers) if rnd % 2 == 0 else list(quantizers)[::-1]  # A B, then B A
             for route in order:
                 os.sync()  # no earlier run's dirty pages written back during this one
-                runs.setdefault(route, []).append(timed(quantizers[route]))
+                runs.setdefault(route, []).append(timed(quantizers[route], output=outputs[route]))
             q = runs["  llama_model_quantize (bf16 GGUF)"][-1]
             runs.setdefault("llama.cpp convert bf16 + quantize", []).append(
                 (c[0] + q[0], max(c[1], q[1]), c[2] or q[2], c[3] + q[3]))
@@ -96,7 +109,7 @@ def main() -> None:
             med = {k: median(r[0] for r in v) for k, v in runs.items()}
             ratios.append((layers, med["llama.cpp convert bf16 + quantize"] / med["mtool convert (one pass)"],
                            med["  mtool quantize (bf16 GGUF)"] / med["  llama_model_quantize (bf16 GGUF)"]))
-        if args.imatrix_tokens and size == float(args.sizes.split(",")[0]):
+        if args.imatrix_tokens and size is not None and size == cases[0][0]:
             imatrix_rows.append(_imatrix_run(src, layers, args.imatrix_tokens, args.device))
         for f in OUT.glob("*.gguf"):
             f.unlink()

@@ -367,9 +367,8 @@ def export_gguf(
             torch.set_num_threads(max(1, torch_threads // n_workers))
         try:
             with tensor_data, ThreadPoolExecutor(max_workers=n_workers) as pool:
-                # Work is queued ahead while it fits a byte budget; stacked expert tensors are
-                # encoded and written expert by expert, so at most about two experts' worth of
-                # a stack is in memory at once.
+                # Work is queued ahead while it fits a byte budget, in pieces of rows (stacked expert
+                # tensors expert by expert), so a few pieces are in memory at once, whatever the tensor.
                 todo = deque(_pieces(model, planned, imps))
                 recycler = Recycler(keep=2 * (n_workers + 1))  # pieces read and encoded ahead, in and out
                 budget = max(INFLIGHT_BYTES, max(piece.nbytes for piece in todo))

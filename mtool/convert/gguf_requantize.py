@@ -4,8 +4,8 @@ All metadata and the vocabulary are copied; `general.file_type` and the quantiza
 set; each tensor gets the type llama.cpp's policy chooses (quant_policy.py) and libggml's bytes
 (mtool.ggml), so the result equals `llama_model_quantize`'s and mtool's one-pass file. Quantized
 inputs are refused: re-quantizing quantized weights silently compounds the error. Tensors are
-read with pread in row pieces; memory stays at a few pieces, whatever the tensor. No torch: values go from the
-file's storage through libggml's converters and quantizers.
+read with pread in row pieces; memory stays at a few pieces, whatever the tensor. No torch:
+values go from the file's storage through libggml's converters and quantizers.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _pieces(fd: int, t, shape: tuple[int, ...], qtype: Q, imp: np.ndarray | None
     out = []
     for e in range(experts):
         sl = imp[e * cols : (e + 1) * cols] if imp is not None and experts > 1 else imp
-        for start, count in row_pieces(rows, row_bytes):
+        for start, count in row_pieces(rows, row_bytes) or [(0, 0)]:  # an empty tensor: one empty piece
             out.append(_Piece(fd, t, qtype, e, start, count, int(t.data_offset) + (e * rows + start) * row_bytes,
                               count * row_bytes, encoded_nbytes((count, cols), qtype), sl))
     out[0].first = out[-1].last = True
