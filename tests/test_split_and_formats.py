@@ -53,7 +53,7 @@ def test_sharded_bf16_source(tmp_path):
     assert mean_kld(hf_logits(src, ids), llamacpp_logits(out, ids)) < 1e-4
 
 
-def test_legacy_pytorch_bin_source(gqa_model, tmp_path):
+def test_legacy_pytorch_bin_source(gqa_model, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     src = tmp_path / "bin"
@@ -66,6 +66,16 @@ def test_legacy_pytorch_bin_source(gqa_model, tmp_path):
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     for ta, tb in zip(a.tensors, b.tensors):
         assert torch.equal(ta.load(), tb.load())
+    # rows of a .bin come back in new arrays, not the read buffers: read in many pieces, same file
+    from mtool.convert import gguf_write
+    from mtool.convert.gguf_export import export_gguf
+
+    whole = tmp_path / "whole.gguf"
+    export_gguf(a, whole, outtype="q8_0", progress=False, name="m")
+    monkeypatch.setattr(gguf_write, "PIECE_BYTES", 3000)
+    pieces = tmp_path / "pieces.gguf"
+    export_gguf(b, pieces, outtype="q8_0", progress=False, name="m")
+    assert pieces.read_bytes() == whole.read_bytes()
 
 
 def test_hf_writer_round_trip(gqa_model, tmp_path):
