@@ -56,7 +56,7 @@ class _Piece:
     """Rows [start, start+count) of one expert (`expert`; 0 for a 2-D tensor) of a tensor, read alone."""
 
     fd: int
-    tensor: object  # gguf ReaderTensor
+    tensor: gguf.ReaderTensor
     qtype: Q
     expert: int
     start: int
@@ -69,7 +69,8 @@ class _Piece:
     last: bool = False
 
 
-def _pieces(fd: int, t, shape: tuple[int, ...], qtype: Q, imp: np.ndarray | None) -> list[_Piece]:
+def _pieces(fd: int, t: gguf.ReaderTensor, shape: tuple[int, ...], qtype: Q,
+            imp: np.ndarray | None) -> list[_Piece]:
     """One tensor in pieces of about PIECE_BYTES of its rows, expert by expert; each expert of a 3-D
     tensor with importances gets its own slice of them (as llama-quantize quantizes it)."""
     cols = shape[-1]
