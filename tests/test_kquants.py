@@ -149,11 +149,11 @@ def test_a_failed_write_cancels_every_queued_tensor(models, tmp_path, monkeypatc
     writes = []
     real_piece = TensorData.piece
 
-    def failing_write(self, data):
+    def failing_write(self, data, **where):
         writes.append(data.nbytes)
         if len(writes) == 3:
             raise OSError(28, "No space left on device")
-        real_piece(self, data)
+        real_piece(self, data, **where)
 
     monkeypatch.setattr(TensorData, "piece", failing_write)
     out = tmp_path / "o.gguf"

@@ -386,11 +386,7 @@ def export_gguf(
                 while ahead:
                     piece, fut = ahead.popleft()
                     data = fut.result()
-                    if piece.first:
-                        tensor_data.begin()
-                    tensor_data.piece(data)
-                    if piece.last:
-                        tensor_data.end()
+                    tensor_data.piece(data, first=piece.first, last=piece.last)
                     recycler.give(data)
                     del data
                     inflight -= piece.nbytes

@@ -174,11 +174,7 @@ def requantize_gguf(src: Path, out: Path, outtype: str, *, split_max_size: int =
 
                 def finish(p: _Piece, raw, job) -> None:
                     data = job.result()
-                    if p.first:
-                        tensor_data.begin()
-                    tensor_data.piece(data)
-                    if p.last:
-                        tensor_data.end()
+                    tensor_data.piece(data, first=p.first, last=p.last)
                     if data is not raw:
                         outputs.give(data)
                     inputs.give(raw)

@@ -146,8 +146,7 @@ class TensorData(FinishOrAbort):
         if int(data.nbytes) != ti.nbytes:
             self._open = None  # nothing of it written: the tensor can be given again
             raise ValueError(f"tensor data of {data.nbytes} bytes where the header announced {ti.nbytes}")
-        self.piece(data)
-        self.end()
+        self.piece(data, last=True)
 
     def begin(self) -> None:
         """Start the next tensor; its bytes follow in `piece`s, in order, then `end`."""
@@ -160,8 +159,10 @@ class TensorData(FinishOrAbort):
         self._open = [self._infos[self._shard][self._next], 0]
         self._pad(self._sinks[self._shard])
 
-    def piece(self, data: np.ndarray) -> None:
-        """The next bytes of the open tensor."""
+    def piece(self, data: np.ndarray, *, first: bool = False, last: bool = False) -> None:
+        """The next bytes of the open tensor; `first`: they begin the next tensor, `last`: they end it."""
+        if first:
+            self.begin()
         if self._open is None:
             raise ValueError("piece() without begin()")
         ti = self._open[0]
@@ -169,6 +170,8 @@ class TensorData(FinishOrAbort):
         if self._open[1] > ti.nbytes:
             raise ValueError(f"tensor data of {self._open[1]}+ bytes where the header announced {ti.nbytes}")
         self._sinks[self._shard].write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        if last:
+            self.end()
 
     def end(self) -> None:
         """Finish the open tensor (all its announced bytes must have been written)."""
